@@ -1,0 +1,209 @@
+"""Debug tiers: cheap host checks, shape contracts, device value checks.
+
+Tier 1 (always on): O(1) host checks of dtype, rank, device, contiguity — `check_tensor` and friends.
+  They read only tensor metadata: no device synchronisation, safe inside CUDA-graph capture.
+Tier 2 (`DSV4FN_DEBUG=1`, read once at import): `@contract` checks every annotated argument, every
+  annotated field of dataclass arguments, and the return value inside one jaxtyping memo, so a named
+  dim (`b`, `h`, `n_slots` ...) must agree across `q`, the state and the metadata. Dataclasses may
+  define `_invariants(self) -> list[str]` for relations jaxtyping cannot express. When off the
+  decorator returns the function itself; it also steps aside while `torch.compile` traces.
+Tier 3 (`DSV4FN_VALIDATE=1`): `validating()` guards device-synchronising value checks (indices in
+  range, lengths consistent, donated state reused); refused during CUDA-graph capture.
+"""
+
+import functools
+import inspect
+import os
+import typing
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+DEBUG: bool = _env_flag("DSV4FN_DEBUG")
+VALIDATE: bool = _env_flag("DSV4FN_VALIDATE")
+
+
+class ContractError(TypeError):
+    """A shape/dtype contract (tier 2) was violated."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 1: cheap host checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_dtype(d: Any) -> str:
+    return str(d).replace("torch.", "")
+
+
+def check_tensor(
+    name: str,
+    t: Any,
+    *,
+    dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+    last_dim_contiguous: bool = False,
+) -> torch.Tensor:
+    """Raise `TypeError`/`ValueError` naming `name`, the expected and the actual value."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in allowed:
+            want = " or ".join(_fmt_dtype(d) for d in allowed)
+            raise TypeError(f"{name}: expected dtype {want}, got {_fmt_dtype(t.dtype)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected rank {ndim}, got rank {t.dim()} (shape {tuple(t.shape)})")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape, strict=False)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        if not (t.device.type == device.type and (device.index is None or t.device.index is None)):
+            raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dim, got strides {t.stride()}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    if len({(d.type, d.index) for d in devs.values()}) > 1:
+        raise ValueError("tensors on different devices: " + ", ".join(f"{n}={d}" for n, d in devs.items()))
+
+
+def require(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 2: jaxtyping contracts over arguments and dataclass fields
+# ---------------------------------------------------------------------------------------------
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(obj, include_extras=True)
+    except Exception:  # pragma: no cover - unresolvable forward refs: check nothing
+        return {}
+
+
+def _check_value(where: str, value: Any, hint: Any) -> None:
+    from beartype.door import is_bearable
+    from jaxtyping._storage import get_shape_memo
+
+    if hint is Any or hint is inspect.Parameter.empty:
+        return
+    if not is_bearable(value, hint):
+        got = (
+            f"{_fmt_dtype(value.dtype)}{list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
+        memo = get_shape_memo()
+        dims = memo[0] if memo else {}
+        raise ContractError(f"{where}: expected {hint}, got {got}; dims bound so far: {dims}")
+    if hasattr(type(value), "__dataclass_fields__") and not isinstance(value, type):
+        _check_dataclass(where, value)
+
+
+def _check_dataclass(where: str, obj: Any) -> None:
+    hints = _hints(type(obj))
+    for name in type(obj).__dataclass_fields__:
+        if name in hints:
+            _check_value(f"{where}.{name}", getattr(obj, name), hints[name])
+    inv = getattr(obj, "_invariants", None)
+    if inv is not None:
+        errors = inv()
+        if errors:
+            raise ContractError(f"{where}: " + "; ".join(errors))
+
+
+def contract(fn: F) -> F:
+    """Tier-2 contract: identity unless `DSV4FN_DEBUG=1`."""
+    if not DEBUG:
+        return fn
+    import jaxtyping
+
+    sig = inspect.signature(fn)
+    hints = _hints(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        with jaxtyping.jaxtyped("context"):
+            for name, value in bound.arguments.items():
+                _check_value(f"{fn.__qualname__}({name})", value, hints.get(name, Any))
+            out = fn(*args, **kwargs)
+            if "return" in hints:
+                _check_value(f"{fn.__qualname__} -> return", out, hints["return"])
+        return out
+
+    return typing.cast(F, wrapper)
+
+
+def check_contracts(where: str, **values: Any) -> None:
+    """Explicit tier-2 check (annotation taken from dataclasses only); no-op unless DEBUG."""
+    if not DEBUG or torch.compiler.is_compiling():
+        return
+    import jaxtyping
+
+    with jaxtyping.jaxtyped("context"):
+        for name, value in values.items():
+            _check_dataclass(f"{where}({name})", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 3: device-synchronising value checks
+# ---------------------------------------------------------------------------------------------
+
+
+def validating() -> bool:
+    """True when tier-3 checks should run; raises if asked for during CUDA-graph capture."""
+    if not VALIDATE or torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("DSV4FN_VALIDATE=1 checks synchronise the device and cannot run during CUDA-graph capture")
+    return True
+
+
+def validate_range(name: str, t: torch.Tensor, lo: int, hi: int, *, allow: int | None = None) -> None:
+    """Every element in [lo, hi) (or equal to `allow`, e.g. -1 padding)."""
+    if t.numel() == 0:
+        return
+    ok = (t >= lo) & (t < hi)
+    if allow is not None:
+        ok |= t == allow
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        raise ValueError(
+            f"{name}: value {t[tuple(bad)].item()} at {bad} outside [{lo}, {hi})"
+            + (f" (and not {allow})" if allow is not None else "")
+        )
+
+
+_donated: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def consume(name: str, state: Any) -> None:
+    """Mark a donated state as consumed; with VALIDATE, a second use raises."""
+    if not validating():
+        return
+    if state in _donated:
+        raise ValueError(f"{name}: this state was donated to an earlier step; use the state that step returned")
+    _donated.add(state)

@@ -1,0 +1,83 @@
+"""`attend`: sparse attention over the window cache (main) and a compressed cache (extra)."""
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._contracts import check_same_device, check_tensor, require, validate_range, validating
+from ..state import PagedKVCache
+from .reference import sparse_attention
+
+_backend.register("attend", "torch")(sparse_attention)
+
+
+def _check_cache(name: str, cache: PagedKVCache, d: int) -> None:
+    require(isinstance(cache, PagedKVCache), f"{name}: expected a PagedKVCache, got {type(cache).__name__}", TypeError)
+    check_tensor(f"{name}.data", cache.data, dtype=torch.uint8, ndim=2, shape=(None, cache.page_bytes))
+    require(cache.data.stride(1) == 1, f"{name}.data: expected unit stride in the last dim, got {cache.data.stride()}")
+    require(cache.head_dim == d, f"{name}: head dim {cache.head_dim} != q head dim {d}")
+
+
+def _check_lens(name: str, lens: Tensor | None, b: int) -> None:
+    if lens is not None:
+        check_tensor(name, lens, dtype=torch.int32, shape=(b,))
+
+
+def attend(
+    q: Tensor,
+    cache: PagedKVCache,
+    indices: Tensor,
+    lens: Tensor | None = None,
+    *,
+    extra_cache: PagedKVCache | None = None,
+    extra_indices: Tensor | None = None,
+    extra_lens: Tensor | None = None,
+    sink: Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sparse FP8-cache attention with FlashMLA's DSV4 semantics (spec §6).
+
+    q bf16 `[b, s_q, h, d]`; `indices` int32 `[b, s_q, k]` cache slots (−1 = none); `lens` int32 `[b]`
+    cuts each row's list short; the same for the extra cache. `sink` fp32 `[h]`. Returns
+    (o bf16 `[b, s_q, h, d]`, lse fp32 `[b, h, s_q]`, natural log; o = 0 and lse = +inf for a query
+    with nothing to attend).
+    """
+    check_tensor("q", q, dtype=torch.bfloat16, ndim=4, last_dim_contiguous=True)
+    b, s_q, h, d = q.shape
+    _check_cache("cache", cache, d)
+    check_tensor("indices", indices, dtype=torch.int32, ndim=3, shape=(b, s_q, None))
+    _check_lens("lens", lens, b)
+    require((extra_cache is None) == (extra_indices is None), "extra_cache and extra_indices go together")
+    if extra_cache is not None and extra_indices is not None:
+        _check_cache("extra_cache", extra_cache, d)
+        check_tensor("extra_indices", extra_indices, dtype=torch.int32, ndim=3, shape=(b, s_q, None))
+    else:
+        require(extra_lens is None, "extra_lens given without extra_cache")
+    _check_lens("extra_lens", extra_lens, b)
+    if sink is not None:
+        check_tensor("sink", sink, dtype=torch.float32, shape=(h,))
+    check_same_device(q=q, cache=cache.data, indices=indices, lens=lens, sink=sink, extra_indices=extra_indices)
+    if validating():
+        validate_range("indices", indices, 0, cache.num_slots, allow=-1)
+        if extra_cache is not None and extra_indices is not None:
+            validate_range("extra_indices", extra_indices, 0, extra_cache.num_slots, allow=-1)
+        if lens is not None:
+            validate_range("lens", lens, 0, indices.shape[-1] + 1)
+        if extra_lens is not None and extra_indices is not None:
+            validate_range("extra_lens", extra_lens, 0, extra_indices.shape[-1] + 1)
+    _, fn = _backend.resolve("attend", backend, q.device)
+    return fn(
+        q,
+        cache,
+        indices,
+        lens,
+        extra_cache=extra_cache,
+        extra_indices=extra_indices,
+        extra_lens=extra_lens,
+        sink=sink,
+        scale=d**-0.5 if scale is None else float(scale),
+    )
+
+
+__all__ = ["attend", "sparse_attention"]

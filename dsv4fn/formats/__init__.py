@@ -1,0 +1,40 @@
+"""Cache byte formats: MODEL1 FP8 attention cache and DeepGEMM's FP8 indexer key cache.
+
+`store_kv` / `store_index_keys` are the backend-dispatched quantize + paged-store steps.
+"""
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._contracts import check_same_device, check_tensor, validate_range, validating
+from ..state import IndexerKeyCache, PagedKVCache
+from . import indexer_fp8, model1
+
+_backend.register("store_model1", "torch")(model1.store)
+_backend.register("store_indexer", "torch")(indexer_fp8.store)
+
+
+def store_kv(cache: PagedKVCache, x: Tensor, loc: Tensor, *, backend: str | None = None) -> PagedKVCache:
+    """FP8-quantize bf16 rows `x [n, d]` into the MODEL1 cache at slots `loc [n]` (−1 skipped). Donates."""
+    check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(None, cache.head_dim), last_dim_contiguous=True)
+    check_tensor("loc", loc, dtype=torch.int32, shape=(x.shape[0],))
+    check_same_device(x=x, loc=loc, cache=cache.data)
+    if validating():
+        validate_range("loc", loc, 0, cache.num_slots, allow=-1)
+    _, fn = _backend.resolve("store_model1", backend, x.device)
+    return fn(cache, x, loc)
+
+
+def store_index_keys(cache: IndexerKeyCache, k: Tensor, loc: Tensor, *, backend: str | None = None) -> IndexerKeyCache:
+    """FP8-quantize keys `k [n, dim]` (per-key fp32 scale) into the indexer cache at `loc`. Donates."""
+    check_tensor("k", k, dtype=(torch.bfloat16, torch.float32), ndim=2, shape=(None, cache.dim))
+    check_tensor("loc", loc, dtype=torch.int32, shape=(k.shape[0],))
+    check_same_device(k=k, loc=loc, cache=cache.data)
+    if validating():
+        validate_range("loc", loc, 0, cache.num_slots, allow=-1)
+    _, fn = _backend.resolve("store_indexer", backend, k.device)
+    return fn(cache, k, loc)
+
+
+__all__ = ["indexer_fp8", "model1", "store_index_keys", "store_kv"]

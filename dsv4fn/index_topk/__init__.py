@@ -1,0 +1,81 @@
+"""`index_topk`: the lightning indexer — FP8 paged MQA logits over visible CSA entries, then top-k."""
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._contracts import check_same_device, check_tensor, require, validate_range, validating
+from ..state import CompressedStreamMeta, DSV4AttnMetadata, IndexerKeyCache
+from .reference import key_slots, paged_logits, prepare_query, select_topk
+
+_backend.register("index_logits", "torch")(paged_logits)
+_backend.register("topk", "torch")(select_topk)
+
+
+def _compare_topk(expect: tuple[Tensor, Tensor], got: tuple[Tensor, Tensor]) -> str | None:
+    """Index sets per row must match (ties break either way only when the caller checks logits)."""
+    (ei, el), (gi, gl) = expect, got
+    if not torch.equal(el, gl):
+        return "lengths differ"
+    es, gs = ei.sort(dim=-1).values, gi.sort(dim=-1).values
+    bad = (es != gs).any(dim=-1).nonzero()
+    return None if bad.numel() == 0 else f"{bad.shape[0]} rows select different sets (first row {bad[0].item()})"
+
+
+_backend.register_comparator("topk", _compare_topk)
+
+
+def _check(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMetadata) -> CompressedStreamMeta:
+    require(meta.csa is not None, "metadata has no CSA stream (config without a ratio-4 layer)")
+    assert meta.csa is not None
+    t = meta.num_tokens
+    check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=3, shape=(t, None, cache.dim), contiguous=True)
+    check_tensor("weights", weights, dtype=torch.float32, shape=(t, q8.shape[1]), contiguous=True)
+    require(isinstance(cache, IndexerKeyCache), f"cache: expected IndexerKeyCache, got {type(cache).__name__}", TypeError)
+    check_tensor("cache.data", cache.data, dtype=torch.uint8, ndim=2, shape=(None, cache.page_size * (cache.dim + 4)))
+    require(
+        cache.page_size == meta.csa.page_size,
+        f"cache.page_size: expected {meta.csa.page_size} (block_size / ratio), got {cache.page_size}",
+    )
+    check_same_device(q8=q8, weights=weights, cache=cache.data, page_table=meta.page_table)
+    if validating():
+        validate_range("page_table", meta.page_table, 0, cache.num_pages, allow=-1)
+    return meta.csa
+
+
+def logits_width(meta: DSV4AttnMetadata) -> int:
+    """Columns of the logits buffer: the longest visible list rounded up to a cache page."""
+    assert meta.csa is not None
+    page = meta.csa.page_size
+    return max(page, -(-(meta.max_seq_len // meta.csa.ratio) // page) * page)
+
+
+def index_logits(
+    q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMetadata, *, backend: str | None = None
+) -> Tensor:
+    """fp32 `[t, width]` logits `s_k · Σ_h w'_h · relu(q8_h · k8_j)` for `j < visible[t]`, −inf after."""
+    csa = _check(q8, weights, cache, meta)
+    _, fn = _backend.resolve("index_logits", backend, q8.device)
+    return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, logits_width(meta))
+
+
+def index_topk(
+    q8: Tensor,
+    weights: Tensor,
+    cache: IndexerKeyCache,
+    meta: DSV4AttnMetadata,
+    *,
+    topk: int | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k CSA entries per query token: (cache slots int32 `[t, pad(topk)]`, −1 padded; lengths
+    int32 `[t]` = min(visible, topk)). Rows with `visible <= topk` select all entries in order."""
+    csa = _check(q8, weights, cache, meta)
+    k = meta.topk if topk is None else topk
+    require(1 <= k <= csa.width, f"topk: expected 1..{csa.width} (the index width), got {k}")
+    logits = index_logits(q8, weights, cache, meta, backend=backend)
+    _, fn = _backend.resolve("topk", backend, q8.device)
+    return fn(logits, csa.visible, k, csa.width, meta.page_table, meta.token_request, csa.page_size)
+
+
+__all__ = ["index_logits", "index_topk", "key_slots", "logits_width", "prepare_query", "select_topk"]

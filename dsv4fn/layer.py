@@ -1,0 +1,199 @@
+"""One DSV4 attention layer composed from the steps, as a pure function of params and state (spec §2)."""
+
+import dataclasses
+
+import torch
+from jaxtyping import BFloat16, Float32
+from torch import Tensor
+
+from ._linear import linear
+from ._pytree import pytree_dataclass, static
+from .attend import attend
+from .compress import CompressorParams, compress
+from .config import DSV4Config
+from .formats import store_kv
+from .index_topk import index_topk, prepare_query
+from .norm_rope import apply_rope, norm_rope, rms_normalize, rope_cos_sin, rope_frequencies
+from .state import DSV4AttnMetadata, IndexerKeyCache, KVAndScore, PagedKVCache
+
+
+@pytree_dataclass
+class IndexerParams:
+    wq_b: BFloat16[Tensor, "hidx q_lora"]  # q latent -> hi·di
+    weights_proj: BFloat16[Tensor, "hi hidden"]
+    compressor: CompressorParams  # dc = di, rotate
+
+
+@pytree_dataclass
+class LayerParams:
+    wq_a: BFloat16[Tensor, "q_lora hidden"]
+    q_norm: Float32[Tensor, " q_lora"]
+    wq_b: BFloat16[Tensor, "hd q_lora"]
+    wkv: BFloat16[Tensor, "d hidden"]
+    kv_norm: Float32[Tensor, " d"]
+    sink: Float32[Tensor, " h"]
+    wo_a: BFloat16[Tensor, "g o_lora gd"]
+    wo_b: BFloat16[Tensor, "hidden go"]
+    freqs: Float32[Tensor, " half"]  # the layer's RoPE frequencies
+    compressor: CompressorParams | None
+    indexer: IndexerParams | None
+    ratio: int = static()
+
+
+@pytree_dataclass
+class LayerState:
+    """Caches and carries of one layer. Every step donates the state it is given."""
+
+    swa: PagedKVCache
+    compressed: PagedKVCache | None
+    index_keys: IndexerKeyCache | None
+    comp_state: KVAndScore | None
+    index_state: KVAndScore | None
+
+
+@pytree_dataclass
+class LayerAux:
+    """What a layer step selected, for inspection (top-k hit rates, tests)."""
+
+    csa_indices: Tensor | None
+    csa_lens: Tensor | None
+    entries: Tensor | None
+
+
+def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+
+def _compressor(cfg: DSV4Config, ratio: int, dim: int, rotate: bool, gen: torch.Generator) -> CompressorParams:
+    coff = 2 if cfg.overlap(ratio) else 1
+    hs = cfg.hidden_size**-0.5
+    return CompressorParams(
+        wkv=_randn((coff * dim, cfg.hidden_size), hs, gen, torch.bfloat16),
+        wgate=_randn((coff * dim, cfg.hidden_size), hs, gen, torch.bfloat16),
+        ape=_randn((ratio, coff * dim), 0.5, gen, torch.float32),
+        norm=1 + _randn((dim,), 0.1, gen, torch.float32),
+        ratio=ratio,
+        dim=dim,
+        overlap=cfg.overlap(ratio),
+        rotate=rotate,
+    )
+
+
+def init_layer_params(cfg: DSV4Config, layer: int, *, seed: int = 0) -> LayerParams:
+    """Random weights with unit-variance activations (for tests and the demo)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + layer)
+    r = cfg.compress_ratios[layer]
+    h, d, g = cfg.num_heads, cfg.head_dim, cfg.o_groups
+    comp = _compressor(cfg, r, d, False, gen) if r > 0 else None
+    idx = None
+    if r == cfg.csa_ratio:
+        idx = IndexerParams(
+            wq_b=_randn((cfg.index_heads * cfg.index_head_dim, cfg.q_lora_rank), cfg.q_lora_rank**-0.5, gen, torch.bfloat16),
+            weights_proj=_randn((cfg.index_heads, cfg.hidden_size), cfg.hidden_size**-0.5, gen, torch.bfloat16),
+            compressor=_compressor(cfg, r, cfg.index_head_dim, True, gen),
+        )
+    return LayerParams(
+        wq_a=_randn((cfg.q_lora_rank, cfg.hidden_size), cfg.hidden_size**-0.5, gen, torch.bfloat16),
+        q_norm=1 + _randn((cfg.q_lora_rank,), 0.1, gen, torch.float32),
+        wq_b=_randn((h * d, cfg.q_lora_rank), cfg.q_lora_rank**-0.5, gen, torch.bfloat16),
+        wkv=_randn((d, cfg.hidden_size), cfg.hidden_size**-0.5, gen, torch.bfloat16),
+        kv_norm=1 + _randn((d,), 0.1, gen, torch.float32),
+        sink=_randn((h,), 1.0, gen, torch.float32),
+        wo_a=_randn((g, cfg.o_lora_rank, h // g * d), (h // g * d) ** -0.5, gen, torch.bfloat16),
+        wo_b=_randn((cfg.hidden_size, g * cfg.o_lora_rank), (g * cfg.o_lora_rank) ** -0.5, gen, torch.bfloat16),
+        freqs=rope_frequencies(cfg, r),
+        compressor=comp,
+        indexer=idx,
+        ratio=r,
+    )
+
+
+def init_layer_state(
+    cfg: DSV4Config, layer: int, *, num_blocks: int, num_swa_pages: int, num_slots: int, device: str = "cpu"
+) -> LayerState:
+    """Empty caches: `num_blocks` pages of the shared page table, `num_swa_pages` window pages,
+    `num_slots` compressor-state slots."""
+    r = cfg.compress_ratios[layer]
+    kw = dict(nope_dim=cfg.nope_dim, rope_dim=cfg.rope_dim, tile=cfg.quant_tile, device=device)
+    swa = PagedKVCache.allocate(num_swa_pages, cfg.swa_page_size, **kw)  # type: ignore[arg-type]
+    comp = PagedKVCache.allocate(num_blocks, cfg.compressed_page_size(r), **kw) if r else None  # type: ignore[arg-type]
+    keys = idx_state = comp_state = None
+    if r:
+        comp_state = KVAndScore.empty(num_slots, ratio=r, dim=cfg.head_dim, overlap=cfg.overlap(r), device=device)
+    if r == cfg.csa_ratio:
+        keys = IndexerKeyCache.allocate(num_blocks, cfg.compressed_page_size(r), dim=cfg.index_head_dim, device=device)
+        idx_state = KVAndScore.empty(num_slots, ratio=r, dim=cfg.index_head_dim, overlap=True, device=device)
+    return LayerState(swa=swa, compressed=comp, index_keys=keys, comp_state=comp_state, index_state=idx_state)
+
+
+def attention_layer(
+    cfg: DSV4Config,
+    params: LayerParams,
+    state: LayerState,
+    x: Tensor,
+    meta: DSV4AttnMetadata,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, LayerState, LayerAux]:
+    """x bf16 `[t, hidden]` (already `attn_norm`-ed) -> (out bf16 `[t, hidden]`, new state, aux).
+
+    Order (spec §2): q path; raw KV stored in the window cache; (CSA) indexer compressor, indexer
+    query, top-k; attention compressor; sparse attention with sink; inverse RoPE; grouped output.
+    Donates `state`."""
+    t = x.shape[0]
+    h, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
+    cos, sin = rope_cos_sin(params.freqs, meta.positions)
+    # 1-2. query: q LoRA, per-head weightless RMS-normalize, RoPE
+    qr = rms_normalize(linear(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
+    q = norm_rope(linear(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1),
+                  out_dtype=torch.bfloat16)
+    # 3. raw KV into the window cache
+    kv = norm_rope(linear(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
+    swa = store_kv(state.swa, kv, meta.swa_write_loc, backend=backend)
+    new = dataclasses.replace(state, swa=swa)
+    extra_cache = extra_idx = extra_lens = None
+    csa_idx = csa_lens = entries = None
+    # 4. indexer (CSA layers): its own compressor, then scores and top-k
+    if params.indexer is not None:
+        assert state.index_state is not None and state.index_keys is not None
+        ip = params.indexer
+        idx_state, _, keys = compress(ip.compressor, state.index_state, x, meta, state.index_keys, params.freqs,
+                                      eps=eps, backend=backend)
+        assert isinstance(keys, IndexerKeyCache)
+        new = dataclasses.replace(new, index_state=idx_state, index_keys=keys)
+        qi = linear(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
+        w_raw = linear(x, ip.weights_proj)
+        q8, w = prepare_query(qi, w_raw, cos, sin, cfg.index_weight_scale)
+        csa_idx, csa_lens = index_topk(q8, w, keys, meta, backend=backend)
+    # 5. attention compressor
+    if params.compressor is not None:
+        assert state.comp_state is not None and state.compressed is not None
+        comp_state, entries, comp = compress(params.compressor, state.comp_state, x, meta, state.compressed,
+                                             params.freqs, eps=eps, backend=backend)
+        assert isinstance(comp, PagedKVCache)
+        new = dataclasses.replace(new, comp_state=comp_state, compressed=comp)
+        extra_cache = comp
+        stream = meta.stream(params.ratio)
+        if stream.indexed:
+            extra_idx, extra_lens = csa_idx, csa_lens
+        else:
+            extra_idx, extra_lens = stream.indices, stream.lens
+    # 6. sparse attention (window = main cache, compressed = extra cache)
+    o, _ = attend(
+        q.view(t, 1, h, d),
+        swa,
+        meta.window_indices.view(t, 1, -1),
+        meta.window_lens,
+        extra_cache=extra_cache,
+        extra_indices=None if extra_idx is None else extra_idx.view(t, 1, -1),
+        extra_lens=extra_lens,
+        sink=params.sink,
+        scale=cfg.softmax_scale,
+        backend=backend,
+    )
+    # 7-8. inverse RoPE, grouped output projection
+    o = apply_rope(o.view(t, h, d), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
+    g = cfg.o_groups
+    u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).double(), params.wo_a.double()).float().to(torch.bfloat16)
+    out = linear(u.flatten(1), params.wo_b).to(torch.bfloat16)
+    return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)

@@ -1,0 +1,9 @@
+# Loose stubs: tilelang ships no types.
+from typing import Any
+
+def __getattr__(name: str) -> Any: ...
+def jit(*args: Any, **kwargs: Any) -> Any: ...
+def lower(*args: Any, **kwargs: Any) -> Any: ...
+
+language: Any
+__version__: str
