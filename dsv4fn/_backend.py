@@ -112,7 +112,7 @@ def resolve(step: str, backend: str | None, device: torch.device) -> tuple[str, 
                     return b, _impls[step][b]
         name = "torch"
     if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not one of {BACKENDS + ('auto', 'compare')}")
+        raise ValueError(f"backend={name!r} is not one of {(*BACKENDS, 'auto', 'compare')}")
     _load(step, name)
     impls = _impls.get(step, {})
     if name not in impls:

@@ -12,7 +12,7 @@ donation tracking relies on.
 """
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
 import torch.utils._pytree as pytree
 
@@ -36,6 +36,7 @@ def child_field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get(_STATIC))
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(dataclasses.field, static))
 def pytree_dataclass(cls: type[T]) -> type[T]:
     """Decorator: frozen slotted keyword-only dataclass + pytree registration."""
     dc = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False, weakref_slot=True)(cls)

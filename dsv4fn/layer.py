@@ -88,7 +88,9 @@ def init_layer_params(cfg: DSV4Config, layer: int, *, seed: int = 0) -> LayerPar
     idx = None
     if r == cfg.csa_ratio:
         idx = IndexerParams(
-            wq_b=_randn((cfg.index_heads * cfg.index_head_dim, cfg.q_lora_rank), cfg.q_lora_rank**-0.5, gen, torch.bfloat16),
+            wq_b=_randn(
+                (cfg.index_heads * cfg.index_head_dim, cfg.q_lora_rank), cfg.q_lora_rank**-0.5, gen, torch.bfloat16
+            ),
             weights_proj=_randn((cfg.index_heads, cfg.hidden_size), cfg.hidden_size**-0.5, gen, torch.bfloat16),
             compressor=_compressor(cfg, r, cfg.index_head_dim, True, gen),
         )
@@ -145,8 +147,9 @@ def attention_layer(
     cos, sin = rope_cos_sin(params.freqs, meta.positions)
     # 1-2. query: q LoRA, per-head weightless RMS-normalize, RoPE
     qr = rms_normalize(linear(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
-    q = norm_rope(linear(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1),
-                  out_dtype=torch.bfloat16)
+    q = norm_rope(
+        linear(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1), out_dtype=torch.bfloat16
+    )
     # 3. raw KV into the window cache
     kv = norm_rope(linear(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
     swa = store_kv(state.swa, kv, meta.swa_write_loc, backend=backend)
@@ -157,8 +160,9 @@ def attention_layer(
     if params.indexer is not None:
         assert state.index_state is not None and state.index_keys is not None
         ip = params.indexer
-        idx_state, _, keys = compress(ip.compressor, state.index_state, x, meta, state.index_keys, params.freqs,
-                                      eps=eps, backend=backend)
+        idx_state, _, keys = compress(
+            ip.compressor, state.index_state, x, meta, state.index_keys, params.freqs, eps=eps, backend=backend
+        )
         assert isinstance(keys, IndexerKeyCache)
         new = dataclasses.replace(new, index_state=idx_state, index_keys=keys)
         qi = linear(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
@@ -168,8 +172,9 @@ def attention_layer(
     # 5. attention compressor
     if params.compressor is not None:
         assert state.comp_state is not None and state.compressed is not None
-        comp_state, entries, comp = compress(params.compressor, state.comp_state, x, meta, state.compressed,
-                                             params.freqs, eps=eps, backend=backend)
+        comp_state, entries, comp = compress(
+            params.compressor, state.comp_state, x, meta, state.compressed, params.freqs, eps=eps, backend=backend
+        )
         assert isinstance(comp, PagedKVCache)
         new = dataclasses.replace(new, comp_state=comp_state, compressed=comp)
         extra_cache = comp

@@ -87,10 +87,9 @@ def plan(
         validate_range("page_table", page_table, 0, 2**31 - 1, allow=-1)
         validate_range("swa_page_table", swa_page_table, 0, 2**31 - 1, allow=-1)
 
-    i32 = dict(dtype=torch.int32, device=dev)
-    prefix_t = torch.tensor(prefix, **i32)
-    extend_t = torch.tensor(extend, **i32)
-    query_start = torch.tensor([0] + list(torch.tensor(extend).cumsum(0).tolist()), **i32)
+    prefix_t = torch.tensor(prefix, dtype=torch.int32, device=dev)
+    extend_t = torch.tensor(extend, dtype=torch.int32, device=dev)
+    query_start = torch.tensor([0, *list(torch.tensor(extend).cumsum(0).tolist())], dtype=torch.int32, device=dev)
     req = torch.repeat_interleave(torch.arange(nb, device=dev), extend_t.long())
     positions = (prefix_t.long()[req] + torch.arange(int(sum(extend)), device=dev) - query_start.long()[req]).to(
         torch.int32

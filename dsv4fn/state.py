@@ -50,9 +50,7 @@ class KVAndScore:
         return 2 if self.overlap else 1
 
     @staticmethod
-    def empty(
-        n_slots: int, *, ratio: int, dim: int, overlap: bool, device: torch.device | str = "cpu"
-    ) -> "KVAndScore":
+    def empty(n_slots: int, *, ratio: int, dim: int, overlap: bool, device: torch.device | str = "cpu") -> "KVAndScore":
         coff = 2 if overlap else 1
         shape = (n_slots, coff * ratio, coff * dim)
         return KVAndScore(

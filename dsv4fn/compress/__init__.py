@@ -65,15 +65,19 @@ def compress(
     """
     t = x.shape[0]
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(meta.num_tokens, params.wkv.shape[1]))
-    require(state.ratio == params.ratio and state.dim == params.dim and state.overlap == params.overlap,
-            f"state: (ratio, dim, overlap)=({state.ratio}, {state.dim}, {state.overlap}) does not match params "
-            f"({params.ratio}, {params.dim}, {params.overlap})")
+    require(
+        state.ratio == params.ratio and state.dim == params.dim and state.overlap == params.overlap,
+        f"state: (ratio, dim, overlap)=({state.ratio}, {state.dim}, {state.overlap}) does not match params "
+        f"({params.ratio}, {params.dim}, {params.overlap})",
+    )
     check_tensor("state.kv", state.kv, dtype=torch.float32, ndim=3, contiguous=True)
     check_tensor("freqs", freqs, dtype=torch.float32, ndim=1)
     stream = meta.stream(params.ratio)
     check_same_device(x=x, kv=state.kv, page_table=meta.page_table)
     if params.rotate:
-        require(isinstance(cache, IndexerKeyCache), "cache: the indexer compressor writes an IndexerKeyCache", TypeError)
+        require(
+            isinstance(cache, IndexerKeyCache), "cache: the indexer compressor writes an IndexerKeyCache", TypeError
+        )
     else:
         require(isinstance(cache, PagedKVCache), "cache: the attention compressor writes a PagedKVCache", TypeError)
     consume("compress(state)", state)
@@ -82,15 +86,11 @@ def compress(
     assert entries.shape[0] == t
     if params.rotate:
         assert isinstance(cache, IndexerKeyCache)
-        new_cache = store_index_keys(cache, hadamard(entries.float()), stream.write_loc, backend=_store_backend(backend))
+        new_cache = store_index_keys(cache, hadamard(entries.float()), stream.write_loc, backend=backend)
     else:
         assert isinstance(cache, PagedKVCache)
-        new_cache = store_kv(cache, entries, stream.write_loc, backend=_store_backend(backend))
+        new_cache = store_kv(cache, entries, stream.write_loc, backend=backend)
     return new_state, entries, new_cache
-
-
-def _store_backend(backend: str | None) -> str | None:
-    return backend
 
 
 __all__ = ["CompressorParams", "compress", "compress_reference", "pool", "window_candidates"]

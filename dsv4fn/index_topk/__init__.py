@@ -31,7 +31,9 @@ def _check(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMe
     t = meta.num_tokens
     check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=3, shape=(t, None, cache.dim), contiguous=True)
     check_tensor("weights", weights, dtype=torch.float32, shape=(t, q8.shape[1]), contiguous=True)
-    require(isinstance(cache, IndexerKeyCache), f"cache: expected IndexerKeyCache, got {type(cache).__name__}", TypeError)
+    require(
+        isinstance(cache, IndexerKeyCache), f"cache: expected IndexerKeyCache, got {type(cache).__name__}", TypeError
+    )
     check_tensor("cache.data", cache.data, dtype=torch.uint8, ndim=2, shape=(None, cache.page_size * (cache.dim + 4)))
     require(
         cache.page_size == meta.csa.page_size,

@@ -31,7 +31,12 @@ def key_slots(page_table: Tensor, token_request: Tensor, n: int, page_size: int)
 
 
 def paged_logits(
-    q8: Tensor, weights: Tensor, cache: IndexerKeyCache, page_table: Tensor, token_request: Tensor, visible: Tensor,
+    q8: Tensor,
+    weights: Tensor,
+    cache: IndexerKeyCache,
+    page_table: Tensor,
+    token_request: Tensor,
+    visible: Tensor,
     width: int,
 ) -> Tensor:
     """fp32 `[t, width]`: `s_k * sum_h w'_h * relu(q8_h . k8_j)` for `j < visible[t]`, -inf elsewhere."""
@@ -49,11 +54,13 @@ def select_topk(
     logits: Tensor, visible: Tensor, topk: int, width: int, page_table: Tensor, token_request: Tensor, page_size: int
 ) -> tuple[Tensor, Tensor]:
     """Top-`topk` logical entries per row (all of them, in order, when `visible <= topk`), as cache
-    slots int32 `[t, width]` padded with -1, and lengths `min(visible, topk)`."""
+    slots int32 `[t, width]` padded with -1, and lengths `min(visible, topk)`. Ties go to the lower
+    index (kernels may break ties either way; tests compare sets modulo ties)."""
     t, n = logits.shape
     k = min(topk, n)
     if k > 0:
-        _, top = torch.topk(logits, k, dim=-1)
+        # stable sort: among equal logits the lower index wins, so the selection is reproducible
+        top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
     else:
         top = torch.zeros(t, 0, dtype=torch.long, device=logits.device)
     col = torch.arange(k, device=logits.device)
