@@ -115,7 +115,8 @@ def _check_value(where: str, value: Any, hint: Any) -> None:
         )
         memo = get_shape_memo()
         dims = memo[0] if memo else {}
-        raise ContractError(f"{where}: expected {hint}, got {got}; dims bound so far: {dims}")
+        want = getattr(hint, "__name__", None) if isinstance(hint, type) else None
+        raise ContractError(f"{where}: expected {want or hint}, got {got}; dims bound so far: {dims}")
     if hasattr(type(value), "__dataclass_fields__") and not isinstance(value, type):
         _check_dataclass(where, value)
 

@@ -1,10 +1,11 @@
 """`attend`: sparse attention over the window cache (main) and a compressed cache (extra)."""
 
 import torch
+from jaxtyping import BFloat16, Float32, Int32
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, require, validate_range, validating
+from .._contracts import check_same_device, check_tensor, contract, require, validate_range, validating
 from ..state import PagedKVCache
 from .reference import sparse_attention
 
@@ -23,19 +24,20 @@ def _check_lens(name: str, lens: Tensor | None, b: int) -> None:
         check_tensor(name, lens, dtype=torch.int32, shape=(b,))
 
 
+@contract
 def attend(
-    q: Tensor,
+    q: BFloat16[Tensor, "b s_q h d"],
     cache: PagedKVCache,
-    indices: Tensor,
-    lens: Tensor | None = None,
+    indices: Int32[Tensor, "b s_q k1"],
+    lens: Int32[Tensor, " b"] | None = None,
     *,
     extra_cache: PagedKVCache | None = None,
-    extra_indices: Tensor | None = None,
-    extra_lens: Tensor | None = None,
-    sink: Tensor | None = None,
+    extra_indices: Int32[Tensor, "b s_q k2"] | None = None,
+    extra_lens: Int32[Tensor, " b"] | None = None,
+    sink: Float32[Tensor, " h"] | None = None,
     scale: float | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[BFloat16[Tensor, "b s_q h d"], Float32[Tensor, "b h s_q"]]:
     """Sparse FP8-cache attention with FlashMLA's DSV4 semantics (spec §6).
 
     q bf16 `[b, s_q, h, d]`; `indices` int32 `[b, s_q, k]` cache slots (−1 = none); `lens` int32 `[b]`

@@ -1,0 +1,97 @@
+"""The one place for TileLang (0.1.15) imports and workarounds.
+
+Import this module only from TileLang kernel files: importing it raises ImportError when tilelang is
+missing, which `dsv4fn._backend` takes to mean "backend unavailable".
+
+Workarounds (each has a test in tests/test_tilelang_lower.py or tests/test_tilelang_gpu.py):
+
+* `jit(out_idx=...)`: TileLang's kernel adapters normalise `out_idx` *in place*
+  (`BaseKernelAdapter._legalize_result_idx` turns `-1` into `len(params) - 1` inside the list it was
+  given), and `@tilelang.jit` hands the same list object to every compile of the factory. The second
+  function compiled by one factory then sees the first one's resolved indices (wrong outputs or an
+  IndexError when the two have different parameter counts). Our `jit` gives each compile a fresh
+  copy. dsv4fn's own kernels allocate their outputs in torch (caller-allocated, CUDA-graph friendly)
+  and pass no `out_idx`, but the wrapper keeps any future use safe.
+* `launch(kernel, *args)`: TVM-FFI reads the launch stream from its own per-device "current stream",
+  filled from torch through the DLPack exchange extension when that is present; without it (or with a
+  stale entry) launches once went to the legacy default stream, which breaks stream ordering and makes
+  CUDA-graph capture fail. `launch` pins the FFI stream to `torch.cuda.current_stream()` for the call.
+"""
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import tilelang
+    import tilelang.language as T
+    import tvm_ffi
+    from tilelang.jit import JITImpl
+except Exception as exc:  # pragma: no cover - exercised only without tilelang
+    raise ImportError(f"tilelang is not usable: {exc}") from exc
+
+import torch
+
+__all__ = ["SM90A", "T", "jit", "launch", "lower_source", "sm90a_target", "tilelang"]
+
+SM90A = {"kind": "cuda", "arch": "sm_90a"}
+
+
+class _FreshOutIdxJIT(JITImpl):
+    """A `JITImpl` whose every compile gets its own copy of `out_idx` (see module docstring)."""
+
+    _dsv4fn_out_idx: Any = None
+
+    def compile(self, *args: Any, **kwargs: Any) -> Any:
+        src = self._dsv4fn_out_idx
+        self.out_idx = list(src) if isinstance(src, list | tuple) else src
+        return super().compile(*args, **kwargs)
+
+
+def jit(func: Callable[..., Any] | None = None, *, out_idx: list[int] | int | None = None, **kwargs: Any) -> Any:
+    """`tilelang.jit` with per-compile copies of `out_idx` (usable bare or with keyword arguments)."""
+
+    def deco(fn: Callable[..., Any]) -> Any:
+        impl = tilelang.jit(out_idx=None if out_idx is None else _copy(out_idx), **kwargs)(fn)
+        impl.__class__ = _FreshOutIdxJIT
+        impl._dsv4fn_out_idx = _copy(out_idx)
+        return impl
+
+    return deco(func) if func is not None else deco
+
+
+def _copy(out_idx: list[int] | int | None) -> list[int] | int | None:
+    return list(out_idx) if isinstance(out_idx, list | tuple) else out_idx
+
+
+def sm90a_target() -> Any:
+    from tvm.target import Target
+
+    return Target(SM90A)
+
+
+def lower_source(prim_func: Any, target: Any = None) -> str:
+    """Lower a TileLang PrimFunc for sm_90a (no GPU needed) and return the generated CUDA source."""
+    tgt = sm90a_target() if target is None else target
+    with tgt:
+        artifact = tilelang.lower(prim_func, target=tgt)
+    return artifact.kernel_source
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+@contextlib.contextmanager
+def torch_stream(device: torch.device):
+    """Make TVM-FFI launch on torch's current stream of `device` (see module docstring)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _raw_stream(idx) if _raw_stream is not None else torch.cuda.current_stream(idx).cuda_stream
+    with tvm_ffi.use_raw_stream(tvm_ffi.device("cuda", idx), stream):
+        yield
+
+
+def launch(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Run a compiled TileLang kernel on torch's current CUDA stream of its first tensor's device."""
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with torch_stream(dev):
+        return kernel(*args)

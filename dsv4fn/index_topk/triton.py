@@ -1,0 +1,397 @@
+"""Triton lightning indexer: FP8 paged MQA logits and a radix top-k select.
+
+Two ops, both CUDA-graph capturable (no host synchronisation, no value-dependent allocation; the
+grids depend only on shapes and static sizes):
+
+* `dsv4fn::indexer_paged_logits` — one program per (token, chunk of `PAGES` cache pages). Per page
+  it loads the `page_size × di` e4m3 keys and their fp32 scales straight from DeepGEMM's paged layout,
+  computes `[keys × di] · [di × hi]` with an fp8 `tl.dot` (fp32 accumulation), then relu, the
+  per-head weights, a sum over heads and the key scale. Columns `>= visible[t]` (all of them up to
+  `width`, also on pages the token never reaches) are written as −inf.
+* `dsv4fn::indexer_topk` — one program per row. Rows with `visible <= topk` take entries
+  `0..visible-1` in order. Longer rows map the fp32 logits to order-preserving uint32 keys and find
+  the k-th largest key by radix select (`RADIX_BITS` bits per round, a histogram per round over the
+  row, chunk by chunk); a last pass compacts every key above that threshold plus the first keys
+  equal to it (lowest index first, as the reference does), translating logical entries to cache
+  slots through the page table. No sort. Positions `>= min(visible, topk)` are −1.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _backend
+from ..state import IndexerKeyCache
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# tuning knobs (bench/index_dev.py sweeps them); read at call time
+LOGITS_CONFIG: dict[str, int] = {"pages": 4, "num_warps": 4, "num_stages": 3, "imprecise_acc": 0}
+TOPK_CONFIG: dict[str, int] = {"block": 4096, "radix_bits": 8, "num_warps": 8}
+
+
+def _pow2(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged FP8 MQA logits
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _paged_logits_kernel(
+    q_ptr,  # e4m3 [t, hi, di]
+    w_ptr,  # fp32 [t, hi]
+    kv_ptr,  # e4m3 view of the cache bytes [n_pages, page_bytes]
+    ks_ptr,  # fp32 view of the cache bytes [n_pages, page_bytes / 4]
+    pt_ptr,  # int32 [b, max_blocks]
+    treq_ptr,  # int32 [t]
+    vis_ptr,  # int32 [t]
+    out_ptr,  # fp32 [t, width]
+    hi,
+    di,
+    width,
+    max_blocks,
+    PAGE: tl.constexpr,
+    PAGE_BYTES: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGES: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    chunk = tl.program_id(1)
+    req = tl.load(treq_ptr + tok).to(tl.int64)
+    vis = tl.load(vis_ptr + tok)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_h < hi
+    dmask = offs_d < di
+    pmask = offs_p < PAGE
+    q = tl.load(
+        q_ptr + tok.to(tl.int64) * hi * di + offs_h[:, None] * di + offs_d[None, :],
+        mask=hmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    qt = tl.trans(q)  # [BLOCK_D, BLOCK_H]: k-major B operand
+    w = tl.load(w_ptr + tok.to(tl.int64) * hi + offs_h, mask=hmask, other=0.0)
+    out_row = out_ptr + tok.to(tl.int64) * width
+    for i in range(PAGES):
+        p = chunk * PAGES + i
+        col = p * PAGE + offs_p
+        live = (p * PAGE < vis) & (p < max_blocks)
+        page = tl.load(pt_ptr + req * max_blocks + p, mask=live, other=0).to(tl.int64)
+        kmask = pmask & (col < vis)
+        base = page * PAGE_BYTES
+        k = tl.load(
+            kv_ptr + base + offs_p[:, None] * di + offs_d[None, :],
+            mask=kmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        sk = tl.load(ks_ptr + (base + PAGE * di) // 4 + offs_p, mask=kmask, other=0.0)
+        if IMPRECISE_ACC > 0:
+            dots = tl.dot(k, qt, max_num_imprecise_acc=IMPRECISE_ACC)  # [BLOCK_P, BLOCK_H] fp32
+        else:
+            dots = tl.dot(k, qt)
+        logit = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1) * sk
+        logit = tl.where(col < vis, logit, float("-inf"))
+        tl.store(out_row + col, logit, mask=pmask & (col < width))
+
+
+@torch.library.triton_op("dsv4fn::indexer_paged_logits", mutates_args=())
+def indexer_paged_logits(
+    q8: Tensor,
+    weights: Tensor,
+    cache_data: Tensor,
+    page_table: Tensor,
+    token_request: Tensor,
+    visible: Tensor,
+    page_size: int,
+    width: int,
+) -> Tensor:
+    """fp32 `[t, width]` indexer logits over the paged FP8 key cache bytes `cache_data` (uint8)."""
+    t, hi, di = q8.shape
+    out = torch.empty((t, width), dtype=torch.float32, device=q8.device)
+    if t == 0 or width == 0:
+        return out
+    page_bytes = page_size * (di + 4)
+    kv = cache_data.view(torch.float8_e4m3fn)
+    ks = cache_data.view(torch.float32)
+    cfg = LOGITS_CONFIG
+    pages = cfg["pages"]
+    n_pages = triton.cdiv(width, page_size)
+    grid = (t, triton.cdiv(n_pages, pages))
+    torch.library.wrap_triton(_paged_logits_kernel)[grid](
+        q8,
+        weights,
+        kv,
+        ks,
+        page_table,
+        token_request,
+        visible,
+        out,
+        hi,
+        di,
+        width,
+        page_table.shape[1],
+        PAGE=page_size,
+        PAGE_BYTES=page_bytes,
+        BLOCK_P=_pow2(page_size, 16),
+        BLOCK_H=_pow2(hi, 16),
+        BLOCK_D=_pow2(di, 16),
+        PAGES=pages,
+        IMPRECISE_ACC=cfg["imprecise_acc"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _check_logits_args(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, page_table: Tensor, width: int) -> None:
+    if not isinstance(cache, IndexerKeyCache):
+        raise TypeError(f"cache: expected IndexerKeyCache, got {type(cache).__name__}")
+    if q8.dtype != torch.float8_e4m3fn or q8.ndim != 3 or not q8.is_contiguous():
+        raise TypeError(f"q8: expected contiguous float8_e4m3fn [t, hi, di], got {q8.dtype} {tuple(q8.shape)}")
+    if q8.shape[2] != cache.dim:
+        raise ValueError(f"q8: head dim {q8.shape[2]} != cache.dim {cache.dim}")
+    if weights.dtype != torch.float32 or tuple(weights.shape) != tuple(q8.shape[:2]) or not weights.is_contiguous():
+        raise TypeError(f"weights: expected contiguous float32 {tuple(q8.shape[:2])}, got {weights.dtype} {tuple(weights.shape)}")
+    if (cache.page_size * cache.dim) % 4:
+        raise ValueError(f"cache: page_size*dim = {cache.page_size * cache.dim} must be a multiple of 4 (fp32 scales)")
+    if not cache.data.is_contiguous():
+        raise ValueError("cache.data: must be contiguous")
+    if page_table.dtype != torch.int32 or page_table.ndim != 2 or not page_table.is_contiguous():
+        raise TypeError(f"page_table: expected contiguous int32 [b, max_blocks], got {page_table.dtype}")
+    if width < 0:
+        raise ValueError(f"width: expected >= 0, got {width}")
+
+
+@_backend.register("index_logits", "triton")
+def paged_logits(
+    q8: Tensor,
+    weights: Tensor,
+    cache: IndexerKeyCache,
+    page_table: Tensor,
+    token_request: Tensor,
+    visible: Tensor,
+    width: int,
+) -> Tensor:
+    """Triton twin of `reference.paged_logits` (same arguments, same fp32 `[t, width]` output)."""
+    _check_logits_args(q8, weights, cache, page_table, width)
+    return indexer_paged_logits(
+        q8,
+        weights,
+        cache.data,
+        page_table,
+        token_request.to(torch.int32),
+        visible.to(torch.int32),
+        cache.page_size,
+        width,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k: radix select + compaction
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _order_key(x):
+    """fp32 -> uint32 with the same order (−inf smallest among non-NaN values)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    neg = (bits >> 31) != 0
+    return tl.where(neg, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _radix_round(
+    row_ptr,
+    n,
+    prefix,
+    k_rem,
+    HI_SHIFT: tl.constexpr,
+    SHIFT: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One radix round: the digit (bits SHIFT..SHIFT+BITS) of the k_rem-th largest key among keys whose
+    bits above HI_SHIFT equal `prefix`. Returns (prefix extended by the digit, new k_rem)."""
+    NB: tl.constexpr = 1 << BITS
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, NB)
+    hist = tl.zeros((NB,), dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        j = start + offs
+        valid = j < n
+        key = _order_key(tl.load(row_ptr + j, mask=valid, other=0.0))
+        if HI_SHIFT < 32:
+            match = valid & ((key >> HI_SHIFT) == prefix)
+        else:
+            match = valid
+        digit = tl.where(match, (key >> SHIFT) & (NB - 1), 0).to(tl.int32)
+        h = tl.histogram(digit, NB)
+        # non-matching lanes were counted in bin 0: take them out again
+        miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
+        hist += h - tl.where(bins == 0, miss, 0)
+    total = tl.sum(hist, axis=0)
+    gt = total - tl.cumsum(hist, axis=0)  # keys with digit > b
+    ge = gt + hist  # keys with digit >= b (non-increasing in b)
+    d = tl.sum((ge >= k_rem).to(tl.int32), axis=0) - 1
+    gt_d = tl.sum(tl.where(bins == d, gt, 0), axis=0)
+    new_prefix = (prefix << BITS) | d.to(tl.uint32)
+    return new_prefix, k_rem - gt_d
+
+
+def _radix_rounds(radix_bits: int) -> tuple[int, int, int, int]:
+    """Bits per round, top first, summing to 32 (at most 4 rounds, at least 8 bits a round)."""
+    if not 8 <= radix_bits <= 12:
+        raise ValueError(f"radix_bits: expected 8..12, got {radix_bits}")
+    rounds: list[int] = []
+    left = 32
+    while left > 0:
+        rounds.append(min(radix_bits, left))
+        left -= rounds[-1]
+    return (*rounds, 0, 0)[:4]  # type: ignore[return-value]
+
+
+@triton.jit
+def _topk_kernel(
+    logits_ptr,  # fp32 [t, n_cols]
+    vis_ptr,  # int32 [t]
+    pt_ptr,  # int32 [b, max_blocks]
+    treq_ptr,  # int32 [t]
+    out_ptr,  # int32 [t, width]
+    lens_ptr,  # int32 [t]
+    n_cols,
+    width,
+    max_blocks,
+    topk,
+    PAGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    B0: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+):
+    row = tl.program_id(0)
+    vis = tl.load(vis_ptr + row)
+    req = tl.load(treq_ptr + row).to(tl.int64)
+    lens = tl.minimum(vis, topk)
+    tl.store(lens_ptr + row, lens)
+    pt_row = pt_ptr + req * max_blocks
+    out_row = out_ptr + row.to(tl.int64) * width
+    offs = tl.arange(0, BLOCK)
+    trivial = vis <= topk
+    # trivial rows: entries 0..vis-1 in order; every row: -1 from lens on
+    for start in range(0, width, BLOCK):
+        j = start + offs
+        take = trivial & (j < lens)
+        page = tl.load(pt_row + j // PAGE, mask=take, other=0)
+        val = tl.where(take, page * PAGE + j % PAGE, -1)
+        tl.store(out_row + j, val, mask=(j < width) & (trivial | (j >= lens)))
+    if vis > topk:
+        n = tl.minimum(vis, n_cols)
+        row_ptr = logits_ptr + row.to(tl.int64) * n_cols
+        prefix = tl.zeros((), dtype=tl.uint32)
+        k_rem = topk
+        # rounds from the top bits down (B0 + B1 + B2 + B3 == 32; B2, B3 may be 0)
+        prefix, k_rem = _radix_round(row_ptr, n, prefix, k_rem, 32, 32 - B0, B0, BLOCK)
+        prefix, k_rem = _radix_round(row_ptr, n, prefix, k_rem, 32 - B0, 32 - B0 - B1, B1, BLOCK)
+        if B2 > 0:
+            prefix, k_rem = _radix_round(row_ptr, n, prefix, k_rem, B2 + B3, B3, B2, BLOCK)
+        if B3 > 0:
+            prefix, k_rem = _radix_round(row_ptr, n, prefix, k_rem, B3, 0, B3, BLOCK)
+        thr = prefix
+        # k_rem keys equal to thr are taken (lowest index first) after the topk - k_rem keys above it
+        n_gt = topk - k_rem
+        cnt_gt = 0
+        cnt_eq = 0
+        for start in range(0, n, BLOCK):
+            j = start + offs
+            valid = j < n
+            key = _order_key(tl.load(row_ptr + j, mask=valid, other=0.0))
+            is_gt = valid & (key > thr)
+            is_eq = valid & (key == thr)
+            gi = is_gt.to(tl.int32)
+            ei = is_eq.to(tl.int32)
+            pos_gt = cnt_gt + tl.cumsum(gi, axis=0) - 1
+            pos_eq = n_gt + cnt_eq + tl.cumsum(ei, axis=0) - 1
+            sel = is_gt | (is_eq & (pos_eq < topk))
+            pos = tl.where(is_gt, pos_gt, pos_eq)
+            page = tl.load(pt_row + j // PAGE, mask=sel, other=0)
+            tl.store(out_row + pos, page * PAGE + j % PAGE, mask=sel)
+            cnt_gt += tl.sum(gi, axis=0)
+            cnt_eq += tl.sum(ei, axis=0)
+
+
+@torch.library.triton_op("dsv4fn::indexer_topk", mutates_args=())
+def indexer_topk(
+    logits: Tensor,
+    visible: Tensor,
+    page_table: Tensor,
+    token_request: Tensor,
+    topk: int,
+    width: int,
+    page_size: int,
+) -> tuple[Tensor, Tensor]:
+    """(cache slots int32 `[t, width]`, −1 padded; lengths int32 `[t]` = min(visible, topk))."""
+    t, n_cols = logits.shape
+    out = torch.empty((t, width), dtype=torch.int32, device=logits.device)
+    lens = torch.empty((t,), dtype=torch.int32, device=logits.device)
+    if t == 0:
+        return out, lens
+    cfg = TOPK_CONFIG
+    bits = _radix_rounds(cfg["radix_bits"])
+    torch.library.wrap_triton(_topk_kernel)[(t,)](
+        logits,
+        visible,
+        page_table,
+        token_request,
+        out,
+        lens,
+        n_cols,
+        width,
+        page_table.shape[1],
+        topk,
+        PAGE=page_size,
+        BLOCK=cfg["block"],
+        B0=bits[0],
+        B1=bits[1],
+        B2=bits[2],
+        B3=bits[3],
+        num_warps=cfg["num_warps"],
+    )
+    return out, lens
+
+
+@_backend.register("topk", "triton")
+def select_topk(
+    logits: Tensor, visible: Tensor, topk: int, width: int, page_table: Tensor, token_request: Tensor, page_size: int
+) -> tuple[Tensor, Tensor]:
+    """Triton twin of `reference.select_topk` (sets per row equal modulo ties at the threshold)."""
+    if logits.dtype != torch.float32 or logits.ndim != 2 or not logits.is_contiguous():
+        raise TypeError(f"logits: expected contiguous float32 [t, n], got {logits.dtype} {tuple(logits.shape)}")
+    if topk < 1:
+        raise ValueError(f"topk: expected >= 1, got {topk}")
+    if width < min(topk, logits.shape[1]):
+        raise ValueError(f"width: expected >= min(topk, n) = {min(topk, logits.shape[1])}, got {width}")
+    if page_table.dtype != torch.int32 or page_table.ndim != 2 or not page_table.is_contiguous():
+        raise TypeError(f"page_table: expected contiguous int32 [b, max_blocks], got {page_table.dtype}")
+    return indexer_topk(
+        logits,
+        visible.to(torch.int32),
+        page_table,
+        token_request.to(torch.int32),
+        min(topk, logits.shape[1]),
+        width,
+        page_size,
+    )
+
+
+__all__ = ["LOGITS_CONFIG", "TOPK_CONFIG", "indexer_paged_logits", "indexer_topk", "paged_logits", "select_topk"]
