@@ -84,6 +84,8 @@ def _load_keys(
 
     raw = tl.load(kv_ptr + rec[:, None, None] + col[None, :, :], mask=v3 & is_nope[None, :, :], other=0)
     nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if INTERPRET:  # the interpreter decodes the e4m3fn NaN codes 0x7f/0xff as +-480
+        nope = tl.where((raw & 0x7F) == 0x7F, float("nan"), nope)
     sbyte = tl.load(kv_ptr + sc[:, None] + tt[None, :], mask=valid[:, None] & (tt < NT)[None, :], other=127)
     sbits = sbyte.to(tl.int32)
     scale = (sbits << 23).to(tl.float32, bitcast=True)  # 2^(byte-127), exact for bytes 1..254

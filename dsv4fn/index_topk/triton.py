@@ -85,8 +85,9 @@ def _paged_logits_kernel(
     for i in range(PAGES):
         p = chunk * PAGES + i
         col = p * PAGE + offs_p
-        live = (p * PAGE < vis) & (p < max_blocks)
-        page = tl.load(pt_ptr + req * max_blocks + p, mask=live, other=0).to(tl.int64)
+        # (the interpreter mishandles scalar & scalar masks: one comparison, a clamped index)
+        page = tl.load(pt_ptr + req * max_blocks + tl.minimum(p, max_blocks - 1), mask=p * PAGE < vis, other=0)
+        page = page.to(tl.int64)
         kmask = pmask & (col < vis)
         base = page * PAGE_BYTES
         k = tl.load(
@@ -287,14 +288,16 @@ def _topk_kernel(
     pt_row = pt_ptr + req * max_blocks
     out_row = out_ptr + row.to(tl.int64) * width
     offs = tl.arange(0, BLOCK)
-    trivial = vis <= topk
-    # trivial rows: entries 0..vis-1 in order; every row: -1 from lens on
+    # trivial rows (vis <= topk) take entries 0..vis-1 in order; every row gets -1 from lens on.
+    # (scalar-bool & tensor gives int32 under the interpreter: mix scalars in through tl.where)
+    n_first = tl.where(vis <= topk, lens, 0)  # columns written as in-order entries
+    first_col = tl.where(vis <= topk, 0, lens)  # first column this loop writes
     for start in range(0, width, BLOCK):
         j = start + offs
-        take = trivial & (j < lens)
+        take = j < n_first
         page = tl.load(pt_row + j // PAGE, mask=take, other=0)
         val = tl.where(take, page * PAGE + j % PAGE, -1)
-        tl.store(out_row + j, val, mask=(j < width) & (trivial | (j >= lens)))
+        tl.store(out_row + j, val, mask=(j < width) & (j >= first_col))
     if vis > topk:
         n = tl.minimum(vis, n_cols)
         row_ptr = logits_ptr + row.to(tl.int64) * n_cols

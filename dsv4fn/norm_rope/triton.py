@@ -43,12 +43,13 @@ if _interpret():
         return a * b
 
 else:
-    from triton.language.extra import libdevice
 
     @triton.jit
     def _mul_rn(a, b):
-        # a separately rounded product: never contracted into an FMA with a following add
-        return libdevice.mul_rn(a, b)
+        # a separately rounded IEEE product (no FTZ): PTX never contracts `mul.rn` into an FMA
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
