@@ -85,32 +85,45 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
 
     @T.macro
     def load_block(
-        Idx, Len, Kn, Cu8, Cf8, Cbf, P, b, sq, col0, KW, stride,
-        valid_s, base_s, sbase_s, scale_s, KV_s,
+        Idx1, Len1, C1u8, C1f8, C1bf, Idx2, Len2, C2u8, C2f8, C2bf, stride1, stride2,
+        b, sq, blk, nb1, valid_s, base_s, sbase_s, scale_s, KV_s,
     ):  # fmt: skip
-        n = T.min(Len[b], KW)
+        # block `blk` of the row: main list blocks first, then extra list blocks
+        main = blk < nb1
         for bi in T.Parallel(BI):
-            col = col0 + bi
-            ix = Idx[b, sq, T.min(col, KW - 1)]
-            ok = (col < n) & (ix >= 0)
+            col = T.if_then_else(main, blk * BI + bi, (blk - nb1) * BI + bi)
+            ix = T.if_then_else(main, Idx1[b, sq, T.min(col, K1 - 1)], Idx2[b, sq, T.min(col, K2 - 1)])
+            n = T.if_then_else(main, T.min(Len1[b], K1), T.min(Len2[b], K2))
+            P = T.if_then_else(main, p1, p2)
+            stride = T.cast(T.if_then_else(main, stride1, stride2), i64)
             slot = T.max(ix, 0)
-            pbase = T.cast(slot // P, i64) * T.cast(stride, i64)
-            valid_s[bi] = T.if_then_else(ok, 1, 0)
+            pbase = T.cast(slot // P, i64) * stride
+            valid_s[bi] = T.if_then_else((col < n) & (ix >= 0), T.if_then_else(main, 1, 2), 0)
             base_s[bi] = pbase + T.cast((slot % P) * REC, i64)
             sbase_s[bi] = pbase + T.cast(P * REC + (slot % P) * SB, i64)
         for bi, t in T.Parallel(BI, NT):
-            byte = T.if_then_else(valid_s[bi] != 0, T.cast(Cu8[sbase_s[bi] + t], T.uint32), T.uint32(127))
+            v = valid_s[bi]
+            byte = T.if_then_else(
+                v == 1,
+                T.cast(C1u8[sbase_s[bi] + t], T.uint32),
+                T.if_then_else(v == 2, T.cast(C2u8[sbase_s[bi] + t], T.uint32), T.uint32(127)),
+            )
             scale_s[bi, t] = T.reinterpret(f32, byte << T.uint32(23))
-        for bi, dd in T.Parallel(BI, nope):
-            KV_s[bi, dd] = T.if_then_else(
-                valid_s[bi] != 0,
-                T.cast(T.cast(Cf8[base_s[bi] + dd], f32) * scale_s[bi, dd // tile], bf16),
-                T.cast(0, bf16),
-            )
-        for bi, r in T.Parallel(BI, rope):
-            KV_s[bi, nope + r] = T.if_then_else(
-                valid_s[bi] != 0, Cbf[T.shift_right(base_s[bi] + nope, 1) + r], T.cast(0, bf16)
-            )
+        for bi, dd in T.Parallel(BI, D):
+            v = valid_s[bi]
+            off = base_s[bi] + dd
+            hoff = T.shift_right(base_s[bi] + nope, 1) + (dd - nope)
+            if dd < nope:
+                KV_s[bi, dd] = T.if_then_else(
+                    v == 0,
+                    T.cast(0, bf16),
+                    T.cast(
+                        T.if_then_else(v == 1, T.cast(C1f8[off], f32), T.cast(C2f8[off], f32)) * scale_s[bi, dd // tile],
+                        bf16,
+                    ),
+                )
+            else:
+                KV_s[bi, dd] = T.if_then_else(v == 0, T.cast(0, bf16), T.if_then_else(v == 1, C1bf[hoff], C2bf[hoff]))
 
     @T.macro
     def attend_rows(
@@ -147,12 +160,8 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
         cnt = T.max(T.min(nb - blk0, per), 0)
         for it in T.serial(cnt):
             blk = blk0 + it
-            if blk < nb1:
-                load_block(Idx1, Len1, K1, C1u8, C1f8, C1bf, p1, b, sq, blk * BI, K1, stride1,
-                           valid_s, base_s, sbase_s, scale_s, KV_s)  # fmt: skip
-            else:
-                load_block(Idx2, Len2, K2, C2u8, C2f8, C2bf, p2, b, sq, (blk - nb1) * BI, K2, stride2,
-                           valid_s, base_s, sbase_s, scale_s, KV_s)  # fmt: skip
+            load_block(Idx1, Len1, C1u8, C1f8, C1bf, Idx2, Len2, C2u8, C2f8, C2bf, stride1, stride2,
+                       b, sq, blk, nb1, valid_s, base_s, sbase_s, scale_s, KV_s)  # fmt: skip
             for i, bi in T.Parallel(HB, BI):
                 acc_s[i, bi] = T.if_then_else(valid_s[bi] != 0, 0, -T.infinity(f32))
             T.gemm(Q_s, KV_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)

@@ -172,12 +172,13 @@ def _entry(
     den_o = tl.zeros([BH], tl.float32)
     num_e = tl.zeros([BH], tl.float32)
     num_o = tl.zeros([BH], tl.float32)
+    old_lo = tl.where(p0 > 0, base_old, p0)  # old rows: positions [old_lo, p0); none for a fresh request
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         q = (j - (COFF - 1)) * R + c
         cval = c < C
         ok_new = cval & (q >= p0) & (q < end)
-        ok_old = cval & (q < p0) & (p0 > 0)
+        ok_old = cval & (q < p0) & (q >= old_lo)
         new_row = (q0 + q - p0).to(tl.int64)
         old_row = q - base_old
         ape_row = tl.where(q >= 0, q % R, 0)
@@ -198,9 +199,9 @@ def _entry(
     xe = tl.where(hmask, tl.div_rn(num_e, tl.where(hmask, den_e, 1.0)), 0.0)
     xo = tl.where(hmask, tl.div_rn(num_o, tl.where(hmask, den_o, 1.0)), 0.0)
     # RMSNorm with weight, fp32
-    ss = tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)
-    ms = tl.div_rn(ss, tl.full(ss.shape, DC, tl.float32))
-    inv = tl.div_rn(tl.full(ss.shape, 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+    ss = tl.sum(xe * xe, axis=0, keep_dims=True) + tl.sum(xo * xo, axis=0, keep_dims=True)  # [1]
+    ms = tl.div_rn(ss, tl.full([1], DC, tl.float32))
+    inv = tl.div_rn(tl.full([1], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
     we = tl.load(w_ptr + 2 * h, mask=hmask, other=0.0)
     wo = tl.load(w_ptr + 2 * h + 1, mask=hmask, other=0.0)
     ye = _mul_rn(_mul_rn(xe, inv), we)
@@ -209,7 +210,7 @@ def _entry(
     fi = h - NOPE_PAIRS
     rot = hmask & (fi >= 0)
     f = tl.load(f_ptr + tl.where(rot, fi, 0), mask=rot, other=0.0)
-    ang = _mul_rn((j * R).to(tl.float32), f)
+    ang = _mul_rn(tl.zeros([BH], tl.float32) + (j * R).to(tl.float32), f)
     cs, sn = _cos_sin(ang)
     re = tl.where(rot, _mul_rn(ye, cs) - _mul_rn(yo, sn), ye)
     im = tl.where(rot, _mul_rn(ye, sn) + _mul_rn(yo, cs), yo)
@@ -239,12 +240,13 @@ def _write_rows(
 ):
     """New state rows lo..hi-1 (row k holds position base_new + k): new rows of this step (score +
     ape), old rows (position < p0), or the fill (0, -inf) for positions not yet seen / negative."""
+    old_lo = tl.where(p0 > 0, tl.maximum(base_old, 0), p0)
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < hi
         pos = base_new + rows
         is_new = rmask & (pos >= p0) & (pos < end)
-        is_old = rmask & (pos >= 0) & (pos < p0) & (p0 > 0)
+        is_old = rmask & (pos >= old_lo) & (pos < p0)
         new_row = (q0 + pos - p0).to(tl.int64)
         old_row = pos - base_old
         ape_row = tl.where(pos >= 0, pos % R, 0)
@@ -415,9 +417,9 @@ def _compress_kernel(
 
 
 def _blocks(ratio: int, coff: int, dc: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BH, BLOCK_R, BLOCK_W): about 2K fp32 elements per candidate / state tile."""
+    """(BLOCK_C, BH, BLOCK_R, BLOCK_W): <= 4K fp32 elements per candidate tile, 2K per state tile."""
     bh = triton.next_power_of_2(max(dc // 2, 1))
-    block_c = min(triton.next_power_of_2(coff * ratio), max(2, 2048 // bh))
+    block_c = min(triton.next_power_of_2(coff * ratio), max(2, 4096 // bh))
     w = coff * dc
     block_w = min(triton.next_power_of_2(w), 256)
     block_r = max(1, min(triton.next_power_of_2(coff * ratio), 2048 // block_w))
