@@ -7,7 +7,9 @@ from dsv4fn import PagedKVCache, attend
 from dsv4fn.formats import model1
 
 
-def _cache(n_pages: int, page: int, nope: int, rope: int, tile: int, gen: torch.Generator) -> tuple[PagedKVCache, torch.Tensor]:
+def _cache(
+    n_pages: int, page: int, nope: int, rope: int, tile: int, gen: torch.Generator
+) -> tuple[PagedKVCache, torch.Tensor]:
     c = PagedKVCache.allocate(n_pages, page, nope_dim=nope, rope_dim=rope, tile=tile)
     x = torch.randn(n_pages * page, nope + rope, generator=gen).bfloat16()
     c = model1.store(c, x, torch.arange(n_pages * page, dtype=torch.int32))
@@ -65,7 +67,7 @@ def test_sparse_equals_dense_under_mask(s_q, geom):
     assert torch.allclose(lse[fin].double(), rlse[fin], atol=1e-5, rtol=1e-6)
     err = (o.double() - ro).square().mean().sqrt() / ro.square().mean().sqrt()
     assert err < 5e-3, err
-    assert (o.double() - ro).abs().max() <= 2 ** -7 * ro.abs().max()  # bf16 rounding only
+    assert (o.double() - ro).abs().max() <= 2**-7 * ro.abs().max()  # bf16 rounding only
 
 
 def test_empty_rows_nan_isolation_and_selected_nan():

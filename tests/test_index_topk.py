@@ -39,10 +39,23 @@ def test_logits_and_topk_match_brute_force():
         b, p = int(meta.token_request[t]), int(meta.positions[t])
         n = (p + 1) // 4  # causal rule: entries j < (p + 1) // 4
         # brute force from the stored FP8 keys (dequantized) and the FP8 query
-        k8 = torch.stack([cache.data[int(pt[b, j // page])][(j % page) * 64 : (j % page + 1) * 64] for j in range(n)]) \
-            if n else torch.zeros(0, 64, dtype=torch.uint8)
-        sc = torch.stack([cache.data[int(pt[b, j // page])][page * 64 + 4 * (j % page) : page * 64 + 4 * (j % page) + 4]
-                          .view(torch.float32)[0] for j in range(n)]) if n else torch.zeros(0)
+        k8 = (
+            torch.stack([cache.data[int(pt[b, j // page])][(j % page) * 64 : (j % page + 1) * 64] for j in range(n)])
+            if n
+            else torch.zeros(0, 64, dtype=torch.uint8)
+        )
+        sc = (
+            torch.stack(
+                [
+                    cache.data[int(pt[b, j // page])][page * 64 + 4 * (j % page) : page * 64 + 4 * (j % page) + 4].view(
+                        torch.float32
+                    )[0]
+                    for j in range(n)
+                ]
+            )
+            if n
+            else torch.zeros(0)
+        )
         dots = q8[t].double() @ k8.view(torch.float8_e4m3fn).double().T  # [h, n]
         want = (dots.relu() * wq[t].double()[:, None]).sum(0) * sc.double()
         assert torch.allclose(logits[t, :n].double(), want, rtol=1e-6, atol=1e-9)
