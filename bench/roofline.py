@@ -57,21 +57,20 @@ def index_key_bytes(cfg: DSV4Config) -> int:
     return cfg.index_head_dim + FP32
 
 
-def attend(cfg: DSV4Config, rows: int, s_q: int, n_main: int, n_extra: int, w_main: int, w_extra: int) -> Cost:
-    """Sparse attention decode. `rows` requests with `s_q` queries each; each query row attends to
-    `n_main` + `n_extra` valid tokens (its index lists have widths `w_main`, `w_extra`).
+def attend(cfg: DSV4Config, q_rows: int, rows: int, pairs: int, width: int) -> Cost:
+    """Sparse attention decode: `q_rows` query rows (requests × s_q) of `rows` requests; `pairs`
+    valid (query, token) pairs in all, main and extra lists together; `width` index columns per
+    query row (main + extra list widths).
 
-    Reads: q `rows·s_q·h·d` bf16; both index lists (int32, full width); the lengths; the sink; and
-    each valid token's MODEL1 record once per query row (rows gather independently; the s_q queries
-    of a request are counted separately since their lists differ). Writes: o bf16 and lse fp32.
-    FLOPs: q·Kᵀ and P·V, `2 · 2 · h · d` per (query, token)."""
-    q_rows = rows * s_q
+    Reads: q bf16 `h·d` per query row; both index lists (int32, full width); the lengths; the sink;
+    each valid token's MODEL1 record once per query row that selects it (rows gather independently;
+    the s_q queries of a request are counted separately since their lists differ). Writes: o bf16
+    and lse fp32. FLOPs: q·Kᵀ and P·V, `2 · 2 · h · d` per valid (query, token) pair."""
     h, d = cfg.num_heads, cfg.head_dim
-    n = n_main + n_extra
-    read = q_rows * h * d * BF16 + q_rows * (w_main + w_extra) * I32 + 2 * rows * I32 + h * FP32
-    read += q_rows * n * model1_token_bytes(cfg)
+    read = q_rows * h * d * BF16 + q_rows * width * I32 + 2 * rows * I32 + h * FP32
+    read += pairs * model1_token_bytes(cfg)
     write = q_rows * h * d * BF16 + q_rows * h * FP32
-    return Cost(read + write, 4.0 * q_rows * h * d * n)
+    return Cost(read + write, 4.0 * h * d * pairs)
 
 
 def index_logits(cfg: DSV4Config, tokens: int, keys_read: int, keys_per_token: int, width: int) -> Cost:
@@ -160,32 +159,26 @@ def layer_weights(cfg: DSV4Config, ratio: int) -> Cost:
 
 
 def layer(
-    cfg: DSV4Config,
-    ratio: int,
-    rows: int,
-    s_q: int,
-    n_window: int,
-    n_extra: int,
-    w_extra: int,
-    keys_read: int,
-    keys_per_token: int,
+    cfg: DSV4Config, ratio: int, rows: int, s_q: int, pairs: int, width: int, keys_read: int, keys_per_token: int,
     entries: int,
-) -> Cost:
+) -> Cost:  # fmt: skip
     """One attention layer step for `rows` requests × `s_q` tokens: x in and out (bf16 `hidden`),
     the weights once (`layer_weights`), the projections' FLOPs, the new raw token stored, the
-    compressor(s), the indexer (CSA), and the attention. Intermediate activations between the
-    steps are not counted (a fully fused layer would not write them)."""
+    compressor state rows and `entries` new compressed entries, the indexer (CSA: keys read as in
+    `index_topk`), and the attention (`pairs`, `width` as in `attend`). Intermediate activations
+    between the steps are not counted (a fully fused layer would not write them)."""
     t = rows * s_q
     w = layer_weights(cfg, ratio)
     cost = Cost(w.bytes + 2 * t * cfg.hidden_size * BF16, w.flops * t)
     cost += Cost(t * model1_token_bytes(cfg), 0.0)  # raw KV stored
     if ratio:
-        cost += Cost(t * 2 * 2 * cfg.head_dim * FP32 + entries * model1_token_bytes(cfg), 0.0)  # state rows
+        coff = 2 if cfg.overlap(ratio) else 1
+        cost += Cost(t * 2 * coff * cfg.head_dim * FP32 + entries * model1_token_bytes(cfg), 0.0)  # state rows
     if ratio == cfg.csa_ratio:
         cost += Cost(t * 2 * 2 * cfg.index_head_dim * FP32 + entries * index_key_bytes(cfg), 0.0)
         ix = index_topk(cfg, t, keys_read, keys_per_token)
         cost += Cost(ix.bytes - t * cfg.index_heads * (cfg.index_head_dim + FP32), ix.flops)  # q8 made on chip
-    att = attend(cfg, rows, s_q, n_window, n_extra, cfg.window_width(), w_extra)
+    att = attend(cfg, t, rows, pairs, width)
     cost += Cost(att.bytes - 2 * t * cfg.num_heads * cfg.head_dim * BF16 - t * cfg.num_heads * FP32, att.flops)
     return cost
 

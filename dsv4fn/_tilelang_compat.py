@@ -1,3 +1,5 @@
+# pyright: reportInvalidTypeForm=false, reportGeneralTypeIssues=false, reportOperatorIssue=false
+# (TileLang kernels are a DSL: `T.Tensor[(M, N), dtype]` annotations are not Python types.)
 """The one place for TileLang (0.1.15) imports and workarounds.
 
 Import this module only from TileLang kernel files: importing it raises ImportError when tilelang is
@@ -65,15 +67,17 @@ def _copy(out_idx: list[int] | int | None) -> list[int] | int | None:
 
 
 def sm90a_target() -> Any:
-    from tvm.target import Target
+    from tvm.target import Target  # pyright: ignore[reportMissingImports]
 
     return Target(SM90A)
 
 
-def lower_source(prim_func: Any, target: Any = None) -> str:
+def lower_source(prim_func: Any, target: Any = None, pass_configs: dict[str, Any] | None = None) -> str:
     """Lower a TileLang PrimFunc for sm_90a (no GPU needed) and return the generated CUDA source."""
+    from tvm import transform  # pyright: ignore[reportMissingImports]
+
     tgt = sm90a_target() if target is None else target
-    with tgt:
+    with tgt, transform.PassContext(config=pass_configs or {}):
         artifact = tilelang.lower(prim_func, target=tgt)
     return artifact.kernel_source
 

@@ -24,8 +24,15 @@ def _run(cfg, layer, seqs, steps, seed=0):
     done = [0] * nb
     for step in steps:
         live = [b for b in range(nb) if step[b]]
-        meta = plan(cfg, [done[b] for b in live], [step[b] for b in live], pt[live], sw[live],
-                    torch.tensor(live, dtype=torch.int32), max_seq_len=longest)
+        meta = plan(
+            cfg,
+            [done[b] for b in live],
+            [step[b] for b in live],
+            pt[live],
+            sw[live],
+            torch.tensor(live, dtype=torch.int32),
+            max_seq_len=longest,
+        )
         x = torch.cat([seqs[b][done[b] : done[b] + step[b]] for b in live])
         out, state, _ = attention_layer(cfg, params, state, x, meta, backend="torch")
         k = 0
@@ -70,8 +77,9 @@ def test_layer_equals_dense_evaluation(layer):
 
 def test_flash_geometry_csa_layer_small_batch():
     """V4-Flash sizes (64 heads, d 512, window 128, top-k 512) with a short hidden size for CPU time."""
-    cfg = DSV4Config.flash().with_(hidden_size=256, q_lora_rank=128, o_lora_rank=64, index_heads=8,
-                                   compress_ratios=(0, 4, 128))
+    cfg = DSV4Config.flash().with_(
+        hidden_size=256, q_lora_rank=128, o_lora_rank=64, index_heads=8, compress_ratios=(0, 4, 128)
+    )
     lens = [600]
     seqs = [torch.randn(n, cfg.hidden_size).bfloat16() for n in lens]
     outs, _, params = _run(cfg, 1, seqs, [[599], [1]])

@@ -1,3 +1,5 @@
+# pyright: reportInvalidTypeForm=false, reportGeneralTypeIssues=false, reportOperatorIssue=false
+# (TileLang kernels are a DSL: `T.Tensor[(M, N), dtype]` annotations are not Python types.)
 """TileLang sparse attention decode over MODEL1 FP8 caches (matches `reference.sparse_attention`).
 
 One program owns (request b, query s, a block of up to 64 heads, one KV split). It walks its share
@@ -38,7 +40,10 @@ LN2 = 0.6931471805599453
 
 
 def _head_block(h: int) -> int:
-    return HEAD_BLOCK if h >= HEAD_BLOCK else max(16, 1 << (h - 1).bit_length())
+    # Always 64 rows (masked past h): the 16/32-row blocks took TileLang's mma path, whose result for
+    # 8 heads disagreed with the reference on the H100; the 64-row wgmma path is the verified one.
+    del h
+    return HEAD_BLOCK
 
 
 @functools.cache
@@ -49,7 +54,11 @@ def _kernels(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: f
     return main, comb
 
 
-@jit(pass_configs={"tl.enable_fast_math": False})
+# indices are trusted to address the cache (DSV4FN_VALIDATE=1 checks them in the step): no per-load guards
+PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
+
+
+@jit(pass_configs=PASS_CONFIGS)
 def _attend_kernel(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
     return build_attend(h, nope, rope, tile, p1, p2, scale, split)
 
@@ -84,46 +93,31 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
     PAD_HEADS = h % HB != 0
 
     @T.macro
-    def load_block(
-        Idx1, Len1, C1u8, C1f8, C1bf, Idx2, Len2, C2u8, C2f8, C2bf, stride1, stride2,
-        b, sq, blk, nb1, valid_s, base_s, sbase_s, scale_s, KV_s,
-    ):  # fmt: skip
-        # block `blk` of the row: main list blocks first, then extra list blocks
-        main = blk < nb1
+    def load_one(Idx, Len, KW, Cu8, Cf8, Cbf, P, stride, b, sq, col0, valid_s, base_s, sbase_s, scale_s, KV_s):
+        # 64 slots of one list (columns col0..col0+63) -> dequantized bf16 rows of KV_s (0 when invalid)
+        n = T.min(Len[b], KW)
         for bi in T.Parallel(BI):
-            col = T.if_then_else(main, blk * BI + bi, (blk - nb1) * BI + bi)
-            ix = T.if_then_else(main, Idx1[b, sq, T.min(col, K1 - 1)], Idx2[b, sq, T.min(col, K2 - 1)])
-            n = T.if_then_else(main, T.min(Len1[b], K1), T.min(Len2[b], K2))
-            P = T.if_then_else(main, p1, p2)
-            stride = T.cast(T.if_then_else(main, stride1, stride2), i64)
+            col = col0 + bi
+            ix = Idx[b, sq, T.min(col, KW - 1)]
             slot = T.max(ix, 0)
-            pbase = T.cast(slot // P, i64) * stride
-            valid_s[bi] = T.if_then_else((col < n) & (ix >= 0), T.if_then_else(main, 1, 2), 0)
+            pbase = T.cast(slot // P, i64) * T.cast(stride, i64)
+            valid_s[bi] = T.if_then_else((col < n) & (ix >= 0), 1, 0)
             base_s[bi] = pbase + T.cast((slot % P) * REC, i64)
             sbase_s[bi] = pbase + T.cast(P * REC + (slot % P) * SB, i64)
         for bi, t in T.Parallel(BI, NT):
-            v = valid_s[bi]
-            byte = T.if_then_else(
-                v == 1,
-                T.cast(C1u8[sbase_s[bi] + t], T.uint32),
-                T.if_then_else(v == 2, T.cast(C2u8[sbase_s[bi] + t], T.uint32), T.uint32(127)),
-            )
-            scale_s[bi, t] = T.reinterpret(f32, byte << T.uint32(23))
+            byte = T.if_then_else(valid_s[bi] != 0, T.cast(Cu8[sbase_s[bi] + t], T.uint32), T.uint32(127))
+            scale_s[bi, t] = T.reinterpret(byte << T.uint32(23), f32)
         for bi, dd in T.Parallel(BI, D):
-            v = valid_s[bi]
-            off = base_s[bi] + dd
-            hoff = T.shift_right(base_s[bi] + nope, 1) + (dd - nope)
             if dd < nope:
                 KV_s[bi, dd] = T.if_then_else(
-                    v == 0,
+                    valid_s[bi] != 0,
+                    T.cast(T.cast(Cf8[base_s[bi] + dd], f32) * scale_s[bi, dd // tile], bf16),
                     T.cast(0, bf16),
-                    T.cast(
-                        T.if_then_else(v == 1, T.cast(C1f8[off], f32), T.cast(C2f8[off], f32)) * scale_s[bi, dd // tile],
-                        bf16,
-                    ),
                 )
             else:
-                KV_s[bi, dd] = T.if_then_else(v == 0, T.cast(0, bf16), T.if_then_else(v == 1, C1bf[hoff], C2bf[hoff]))
+                KV_s[bi, dd] = T.if_then_else(
+                    valid_s[bi] != 0, Cbf[T.shift_right(base_s[bi] + nope, 1) + (dd - nope)], T.cast(0, bf16)
+                )
 
     @T.macro
     def attend_rows(
@@ -160,8 +154,12 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
         cnt = T.max(T.min(nb - blk0, per), 0)
         for it in T.serial(cnt):
             blk = blk0 + it
-            load_block(Idx1, Len1, C1u8, C1f8, C1bf, Idx2, Len2, C2u8, C2f8, C2bf, stride1, stride2,
-                       b, sq, blk, nb1, valid_s, base_s, sbase_s, scale_s, KV_s)  # fmt: skip
+            if blk < nb1:
+                load_one(Idx1, Len1, K1, C1u8, C1f8, C1bf, p1, stride1, b, sq, blk * BI,
+                         valid_s, base_s, sbase_s, scale_s, KV_s)  # fmt: skip
+            else:
+                load_one(Idx2, Len2, K2, C2u8, C2f8, C2bf, p2, stride2, b, sq, (blk - nb1) * BI,
+                         valid_s, base_s, sbase_s, scale_s, KV_s)  # fmt: skip
             for i, bi in T.Parallel(HB, BI):
                 acc_s[i, bi] = T.if_then_else(valid_s[bi] != 0, 0, -T.infinity(f32))
             T.gemm(Q_s, KV_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
@@ -290,13 +288,17 @@ def build_combine(h: int, d: int):
                 lmax = T.max(lmax, Lpart[b, sq, s, hh])
             tot = 0.0
             for s in T.serial(NS):
-                tot = tot + T.if_then_else(Lpart[b, sq, s, hh] == -T.infinity(f32), 0.0, T.exp2(Lpart[b, sq, s, hh] - lmax))
+                tot = tot + T.if_then_else(
+                    Lpart[b, sq, s, hh] == -T.infinity(f32), 0.0, T.exp2(Lpart[b, sq, s, hh] - lmax)
+                )
             lse2 = T.log2(tot) + lmax
             T.fill(acc, 0)
             for s in T.serial(NS):
                 for dd in T.Parallel(d):
                     acc[dd] += T.if_then_else(
-                        Lpart[b, sq, s, hh] == -T.infinity(f32), 0.0, T.exp2(Lpart[b, sq, s, hh] - lse2) * Opart[b, sq, s, hh, dd]
+                        Lpart[b, sq, s, hh] == -T.infinity(f32),
+                        0.0,
+                        T.exp2(Lpart[b, sq, s, hh] - lse2) * Opart[b, sq, s, hh, dd],
                     )
             fac = T.if_then_else(tot > 0, 1.0 / (1.0 + T.exp(Sink[hh] - lse2 * LN2)), 0.0)
             for dd in T.Parallel(d):

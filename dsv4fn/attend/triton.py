@@ -1,3 +1,5 @@
+# pyright: reportPossiblyUnboundVariable=false
+# (constexpr-guarded branches in @triton.jit kernels: names bound under one constexpr value only)
 """Triton sparse attention over MODEL1 FP8 paged caches (FlashMLA's DSV4 sparse-decode semantics).
 
 One launch of `_sparse_attn_fwd` walks the main and the extra index lists as one concatenated key
@@ -46,13 +48,43 @@ def _interpret() -> bool:
 
 
 @triton.jit
-def _load_keys(
+def _tile_src(
+    t, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr, K2, lim2, page2,
+    t_end, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr,
+):  # fmt: skip
+    """Where key tile `t` of the concatenated list lives: (cache, page stride, index row, usable length,
+    first column, page size). Tiles at or past `t_end` get length 0 (nothing is loaded)."""
+    if HAS_EXTRA:
+        is1 = t < n1
+        kv_ptr = tl.where(is1, kv1_ptr, kv2_ptr)
+        stride_kv = tl.where(is1, stride_kv1, stride_kv2)
+        idx_row = tl.where(is1, idx1_ptr + row.to(tl.int64) * K1, idx2_ptr + row.to(tl.int64) * K2)
+        lim = tl.where(is1, lim1, lim2)
+        j0 = tl.where(is1, t, t - n1) * BLOCK_N
+        page = tl.where(is1, page1, page2)
+    else:
+        kv_ptr = kv1_ptr
+        stride_kv = stride_kv1
+        idx_row = idx1_ptr + row.to(tl.int64) * K1
+        lim = lim1
+        j0 = t * BLOCK_N
+        page = page1
+    lim = tl.where(t < t_end, lim, 0)
+    return kv_ptr, stride_kv, idx_row, lim, j0, page
+
+
+@triton.jit
+def _load_idx(idx_row_ptr, lim, j0, BLOCK_N: tl.constexpr):
+    jj = j0 + tl.arange(0, BLOCK_N)
+    return tl.load(idx_row_ptr + jj, mask=jj < lim, other=-1)
+
+
+@triton.jit
+def _load_raw(
     kv_ptr,
     stride_page,
-    idx_row_ptr,
-    lim,
-    j0,
     page_size,
+    idx,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     TILE: tl.constexpr,
@@ -60,13 +92,9 @@ def _load_keys(
     NT_P: tl.constexpr,
     REC: tl.constexpr,
     SB: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
-    """Dequantized keys `[BLOCK_N, NT_P * TILE]` (bf16 on GPU, fp32 in the interpreter) of list
-    columns j0 .. j0 + BLOCK_N, and their validity mask. Invalid keys read as exact zeros."""
-    jj = j0 + tl.arange(0, BLOCK_N)
-    idx = tl.load(idx_row_ptr + jj, mask=jj < lim, other=-1)
+    """Raw bytes of the keys at slots `idx` (-1 = none): e4m3 codes `[n, NT_P, TILE]` (0 outside the
+    nope tiles), scale bytes `[n, NT_P]` (127 = 1.0 outside), rope bf16 `[n, NT_P, TILE]` (0 outside)."""
     valid = idx >= 0
     slot = tl.where(valid, idx, 0)
     page = slot // page_size
@@ -74,30 +102,52 @@ def _load_keys(
     page_base = page.to(tl.int64) * stride_page
     rec = page_base + off * REC  # byte offset of each key's data record
     sc = page_base + page_size * REC + off * SB  # byte offset of its scale record
-
     tt = tl.arange(0, NT_P)
     cc = tl.arange(0, TILE)
     col = tt[:, None] * TILE + cc[None, :]  # [NT_P, TILE] column within the head dim
     is_nope = (tt < NT)[:, None] & (cc >= 0)[None, :]
     is_rope = (col >= NOPE) & (col < NOPE + ROPE)
     v3 = valid[:, None, None]
-
     raw = tl.load(kv_ptr + rec[:, None, None] + col[None, :, :], mask=v3 & is_nope[None, :, :], other=0)
-    nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    if INTERPRET:  # the interpreter decodes the e4m3fn NaN codes 0x7f/0xff as +-480
-        nope = tl.where((raw & 0x7F) == 0x7F, float("nan"), nope)
     sbyte = tl.load(kv_ptr + sc[:, None] + tt[None, :], mask=valid[:, None] & (tt < NT)[None, :], other=127)
+    kv_bf16 = kv_ptr.to(tl.pointer_type(tl.bfloat16))
+    rope_ptr = kv_bf16 + (rec[:, None, None] + NOPE) // 2 + (col[None, :, :] - NOPE)
+    rope = tl.load(rope_ptr, mask=v3 & is_rope[None, :, :], other=0.0)
+    return raw, sbyte, rope, valid
+
+
+@triton.jit
+def _dequant(
+    raw,
+    sbyte,
+    rope,
+    NT: tl.constexpr,
+    NT_P: tl.constexpr,
+    TILE: tl.constexpr,
+    DEQ_BF16: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Exact dequantization: e4m3 -> fp32 times 2^(byte-127) on the nope tiles, rope as is. Returns
+    `[n, NT_P * TILE]` bf16 on GPU (exact: e4m3 times a power of two fits bf16), fp32 in the interpreter.
+    `DEQ_BF16` (GPU only) converts e4m3 -> bf16 with Triton's native conversion (exact: every e4m3 value,
+    subnormals included, is a bf16) and multiplies by the power-of-two scale in bf16 (exact)."""
     sbits = sbyte.to(tl.int32)
     scale = (sbits << 23).to(tl.float32, bitcast=True)  # 2^(byte-127), exact for bytes 1..254
     scale = tl.where(sbits == 0, 5.877471754111438e-39, scale)  # byte 0: 2^-127 (subnormal)
-    kv_bf16 = kv_ptr.to(tl.pointer_type(tl.bfloat16))
-    rope_ptr = kv_bf16 + (rec[:, None, None] + NOPE) // 2 + (col[None, :, :] - NOPE)
-    rope = tl.load(rope_ptr, mask=v3 & is_rope[None, :, :], other=0.0).to(tl.float32)
-    k3 = tl.where(is_nope[None, :, :], nope * scale[:, :, None], rope)
-    k = tl.reshape(k3, (BLOCK_N, NT_P * TILE))
-    if not INTERPRET:
-        k = k.to(tl.bfloat16)
-    return k, valid
+    is_nope = (tl.arange(0, NT_P) < NT)[None, :, None]
+    if DEQ_BF16 and not INTERPRET:
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        k3 = tl.where(is_nope, nope * scale.to(tl.bfloat16)[:, :, None], rope)
+        k = tl.reshape(k3, (raw.shape[0], NT_P * TILE))
+    else:
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if INTERPRET:  # the interpreter decodes the e4m3fn NaN codes 0x7f/0xff as +-480
+            nope = tl.where((raw & 0x7F) == 0x7F, float("nan"), nope)
+        k3 = tl.where(is_nope, nope * scale[:, :, None], rope.to(tl.float32))
+        k = tl.reshape(k3, (raw.shape[0], NT_P * TILE))
+        if not INTERPRET:
+            k = k.to(tl.bfloat16)
+    return k
 
 
 @triton.jit
@@ -140,6 +190,8 @@ def _sparse_attn_fwd(
     HAS_LEN2: tl.constexpr,
     HAS_SINK: tl.constexpr,
     SINGLE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    DEQ_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     D: tl.constexpr = NOPE + ROPE
@@ -178,27 +230,43 @@ def _sparse_attn_fwd(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DP], tl.float32)
+    if PREFETCH:
+        # software pipeline: data of tile t+1 and indices of tile t+2 are in flight while tile t computes
+        kvp, stp, irow, lim, j0, pg = _tile_src(
+            t_begin, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr, K2,
+            lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+        )  # fmt: skip
+        idx_c = _load_idx(irow, lim, j0, BLOCK_N)
+        raw, sbyte, rope, valid = _load_raw(kvp, stp, pg, idx_c, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
+        kvp, stp, irow, lim, j0, pg = _tile_src(
+            t_begin + 1, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr,
+            K2, lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+        )  # fmt: skip
+        idx_n = _load_idx(irow, lim, j0, BLOCK_N)
     for t in range(t_begin, t_end):
-        if HAS_EXTRA:
-            is1 = t < n1
-            kv_ptr = tl.where(is1, kv1_ptr, kv2_ptr)
-            stride_kv = tl.where(is1, stride_kv1, stride_kv2)
-            idx_row = tl.where(is1, idx1_ptr + row.to(tl.int64) * K1, idx2_ptr + row.to(tl.int64) * K2)
-            lim = tl.where(is1, lim1, lim2)
-            j0 = tl.where(is1, t, t - n1) * BLOCK_N
-            page = tl.where(is1, page1, page2)
+        if PREFETCH:
+            k = _dequant(raw, sbyte, rope, NT, NT_P, TILE, DEQ_BF16, INTERPRET)
+            vcur = valid
+            kvp, stp, irow, lim, j0, pg = _tile_src(
+                t + 1, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr,
+                K2, lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+            )  # fmt: skip
+            raw, sbyte, rope, valid = _load_raw(kvp, stp, pg, idx_n, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
+            kvp, stp, irow, lim, j0, pg = _tile_src(
+                t + 2, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr,
+                K2, lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+            )  # fmt: skip
+            idx_n = _load_idx(irow, lim, j0, BLOCK_N)
         else:
-            kv_ptr = kv1_ptr
-            stride_kv = stride_kv1
-            idx_row = idx1_ptr + row.to(tl.int64) * K1
-            lim = lim1
-            j0 = t * BLOCK_N
-            page = page1
-        k, valid = _load_keys(
-            kv_ptr, stride_kv, idx_row, lim, j0, page, NOPE, ROPE, TILE, NT, NT_P, REC, SB, BLOCK_N, INTERPRET
-        )
+            kvp, stp, irow, lim, j0, pg = _tile_src(
+                t, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr, K2,
+                lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+            )  # fmt: skip
+            idx_c = _load_idx(irow, lim, j0, BLOCK_N)
+            raw_c, sbyte_c, rope_c, vcur = _load_raw(kvp, stp, pg, idx_c, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
+            k = _dequant(raw_c, sbyte_c, rope_c, NT, NT_P, TILE, DEQ_BF16, INTERPRET)
         s = tl.dot(q, tl.trans(k)) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where(vcur[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
@@ -292,11 +360,10 @@ def default_num_splits(rows: int, h: int, k_total_tiles: int, device: torch.devi
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 8
+    # one program per SM at these tile sizes (~130 KB shared memory): more splits than fit in one wave
+    # cost a second wave (measured on the H100: b=32 with 4 splits 37 us, with 5 splits 49 us)
     programs = rows * triton.cdiv(h, _block_h(h))
-    if programs >= sms // 2:
-        return 1
-    want = triton.cdiv(sms, programs)
-    return max(1, min(k_total_tiles, want))
+    return max(1, min(k_total_tiles, sms // programs))
 
 
 def _geometry(nope: int, rope: int, tile: int) -> tuple[int, int, int, int, int]:
@@ -340,6 +407,9 @@ def sparse_attn(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 1,
+    block_h: int = 0,
+    prefetch: bool = False,
+    deq_bf16: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """q bf16 `[b, s_q, h, d]`; kv1/kv2 uint8 `[pages, page_bytes]` (MODEL1 pages); idx1/idx2 int32
     `[b, s_q, k]` contiguous; len1/len2 int32 `[b]`; sink fp32 `[h]`. Returns (o bf16 `[b, s_q, h, d]`,
@@ -354,7 +424,7 @@ def sparse_attn(
     splits = max(1, min(int(num_splits), max(total_tiles, 1)))
     tps = max(1, triton.cdiv(total_tiles, splits))
     splits = max(1, triton.cdiv(total_tiles, tps))
-    block_h = _block_h(h)
+    block_h = block_h if block_h > 0 else _block_h(h)
     interp = _interpret()
 
     o = torch.empty((b, s_q, h, d), dtype=torch.bfloat16, device=q.device)
@@ -409,6 +479,8 @@ def sparse_attn(
         HAS_LEN2=has_extra and len2 is not None,
         HAS_SINK=sink is not None and splits == 1,
         SINGLE=splits == 1,
+        PREFETCH=prefetch,
+        DEQ_BF16=deq_bf16,
         INTERPRET=interp,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -2,8 +2,10 @@
 ONE kernel launch per compressor step, for decode steps, prefill chunks and mixed batches alike.
 
 The projections `kv = x·wkvᵀ`, `score = x·wgateᵀ` run first as bf16 GEMMs with fp32 output (on CPU,
-fp32 GEMMs of the upcast operands). Then `_compress_kernel` runs one program per token `i` of the
-batch (request `b = token_request[i]`, position `p = prefix_lens[b] + i - query_start[b]`):
+fp32 GEMMs of the upcast operands). Then `_compress_kernel` handles every token `i` of the batch
+(request `b = token_request[i]`, position `p = prefix_lens[b] + i - query_start[b]`); a program
+takes one token (`t <= 512`: decode batches, short chunks) or 4 consecutive ones (long prefills,
+where most tokens complete no window and a program per token would be mostly launch overhead):
 
 * every token writes `has_entry[i] = (p + 1) % r == 0` and, if it completes no window, a zero row;
 * a token completing window `j` pools, normalizes, rotates and stores entry `j` into `entries[i]`
@@ -21,6 +23,7 @@ window, which may come from old rows `r..2r-1`) → barrier → rows `r..2r-1` (
 orders the program's earlier global loads before its later stores) make every read of an old row
 happen before any thread of the program overwrites it. Only rows that change are written: a decode
 step that completes no window writes the one row of its token, a completing step writes the slot.
+Requests of one batch must use distinct state slots.
 
 Pooling: per channel, an online softmax over the `coff·r` candidates in chunks of `BLOCK_C` (the
 chunk max is taken first, so a single-chunk window, r = 4, computes exactly `Σ e^(s-m)·kv / Σ e^(s-m)`
@@ -110,18 +113,16 @@ def _candidates(
     W: tl.constexpr,
 ):
     """(kv, score) fp32 tiles for rows chosen per candidate: new rows of this step (score + ape),
-    old state rows, or the fill (0, -inf). `col` [BLOCK_C, BH] column offsets."""
-    mn = ok_new[:, None] & cmask
-    mo = ok_old[:, None] & cmask
-    n_off = new_row[:, None] * W + col
-    kv_n = tl.load(kv_ptr + n_off, mask=mn, other=0.0)
-    sc_n = tl.load(sc_ptr + n_off, mask=mn, other=0.0) + tl.load(
-        ape_ptr + ape_row[:, None] * W + col, mask=mn, other=0.0
-    )
-    o_off = old_row[:, None] * W + col
-    kv_o = tl.load(st_kv + o_off, mask=mo, other=0.0)
-    sc_o = tl.load(st_sc + o_off, mask=mo, other=float("-inf"))
-    return tl.where(mn, kv_n, kv_o), tl.where(mn, sc_n, sc_o)
+    old state rows, or the fill (0, -inf). `col` [BLOCK_C, BH] column offsets. One load per
+    element from a per-row choice of source (masked lanes fetch nothing)."""
+    row_kv = tl.where(ok_new, kv_ptr + new_row * W, st_kv + old_row * W)
+    row_sc = tl.where(ok_new, sc_ptr + new_row * W, st_sc + old_row * W)
+    m = (ok_new | ok_old)[:, None] & cmask
+    kv = tl.load(row_kv[:, None] + col, mask=m, other=0.0)
+    sc = tl.load(row_sc[:, None] + col, mask=m, other=float("-inf"))
+    # + ape for new rows; old rows already include it (adding 0.0 is exact, -inf stays -inf)
+    sc = sc + tl.load(ape_ptr + ape_row[:, None] * W + col, mask=ok_new[:, None] & cmask, other=0.0)
+    return kv, sc
 
 
 @triton.jit
@@ -250,7 +251,7 @@ def _write_rows(
         new_row = (q0 + pos - p0).to(tl.int64)
         old_row = pos - base_old
         ape_row = tl.where(pos >= 0, pos % R, 0)
-        for w0 in tl.static_range(0, W, BLOCK_W):
+        for w0 in range(0, W, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
             cm = (cols < W)[None, :]
             kv, sc = _candidates(
@@ -262,7 +263,8 @@ def _write_rows(
 
 
 @triton.jit
-def _compress_kernel(
+def _token(
+    i,
     kv_ptr,
     sc_ptr,
     ape_ptr,
@@ -290,7 +292,6 @@ def _compress_kernel(
     W: tl.constexpr = COFF * DC
     ROWS: tl.constexpr = COFF * R
     LEAD: tl.constexpr = (COFF - 1) * R
-    i = tl.program_id(0)
     b = tl.load(tokreq_ptr + i)
     p0 = tl.load(prefix_ptr + b)
     q0 = tl.load(qstart_ptr + b)
@@ -335,7 +336,7 @@ def _compress_kernel(
     if i == q0:
         # the owner: entries that read the old state, then the state update
         j_end = end // R
-        for k in tl.static_range(COFF):
+        for k in range(COFF):
             jj = j0 + k
             if (jj < j_end) & (p0 > 0) & ((jj - (COFF - 1)) * R < p0):
                 _entry(
@@ -411,15 +412,81 @@ def _compress_kernel(
             )
 
 
+@triton.jit
+def _compress_kernel(
+    kv_ptr,
+    sc_ptr,
+    ape_ptr,
+    w_ptr,
+    f_ptr,
+    st_kv_ptr,
+    st_sc_ptr,
+    prefix_ptr,
+    extend_ptr,
+    qstart_ptr,
+    slot_ptr,
+    tokreq_ptr,
+    ent_ptr,
+    has_ptr,
+    eps,
+    T,
+    R: tl.constexpr,
+    COFF: tl.constexpr,
+    DC: tl.constexpr,
+    N_FREQ: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    TOK_BLOCK: tl.constexpr,
+):
+    """Program k handles tokens k·TOK_BLOCK .. k·TOK_BLOCK + TOK_BLOCK - 1 of the T tokens."""
+    for tt in range(TOK_BLOCK):
+        i = tl.program_id(0) * TOK_BLOCK + tt
+        if i < T:
+            _token(
+                i,
+                kv_ptr,
+                sc_ptr,
+                ape_ptr,
+                w_ptr,
+                f_ptr,
+                st_kv_ptr,
+                st_sc_ptr,
+                prefix_ptr,
+                extend_ptr,
+                qstart_ptr,
+                slot_ptr,
+                tokreq_ptr,
+                ent_ptr,
+                has_ptr,
+                eps,
+                R,
+                COFF,
+                DC,
+                N_FREQ,
+                BLOCK_C,
+                BH,
+                BLOCK_R,
+                BLOCK_W,
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # The op
 # ---------------------------------------------------------------------------------------------
 
 
+def _num_warps(dc: int) -> int:
+    return 8 if dc >= 512 else 4
+
+
 def _blocks(ratio: int, coff: int, dc: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BH, BLOCK_R, BLOCK_W): <= 4K fp32 elements per candidate tile, 2K per state tile."""
+    """(BLOCK_C, BH, BLOCK_R, BLOCK_W): candidate tiles of <= 8 fp32 elements per thread (they
+    live as kv and score, even and odd halves), state tiles of 2K elements."""
     bh = triton.next_power_of_2(max(dc // 2, 1))
-    block_c = min(triton.next_power_of_2(coff * ratio), max(2, 4096 // bh))
+    per_tile = 8 * 32 * _num_warps(dc)
+    block_c = min(triton.next_power_of_2(coff * ratio), max(2, per_tile // bh))
     w = coff * dc
     block_w = min(triton.next_power_of_2(w), 256)
     block_r = max(1, min(triton.next_power_of_2(coff * ratio), 2048 // block_w))
@@ -443,12 +510,13 @@ def compress_windows(
     eps: float,
     ratio: int,
     overlap: bool,
+    tokens_per_program: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """kv, score fp32 `[t, coff·dc]` (projections, score without ape); ape fp32 `[r, coff·dc]`;
     norm_weight fp32 `[dc]`; freqs fp32 `[rope/2]`; state_kv/state_score fp32 `[n_slots, coff·r,
     coff·dc]` (updated in place); per-request int32 prefix_lens, extend_lens, state_slots `[b]`,
     query_start `[b+1]`; token_request int32 `[t]`. Returns (entries bf16 `[t, dc]` — zero rows for
-    tokens completing no window —, has_entry bool `[t]`)."""
+    tokens completing no window —, has_entry bool `[t]`). `tokens_per_program` 0 picks it from t."""
     t = kv.shape[0]
     dc = norm_weight.shape[0]
     coff = 2 if overlap else 1
@@ -457,7 +525,8 @@ def compress_windows(
     if t == 0:
         return entries, has_entry
     block_c, bh, block_r, block_w = _blocks(ratio, coff, dc)
-    torch.library.wrap_triton(_compress_kernel)[(t,)](
+    tok_block = tokens_per_program or (1 if t <= 512 else 4)  # long prefills: fewer, fuller programs
+    torch.library.wrap_triton(_compress_kernel)[(triton.cdiv(t, tok_block),)](
         kv,
         score,
         ape,
@@ -473,6 +542,7 @@ def compress_windows(
         entries.view(torch.int16),
         has_entry,
         float(eps),
+        t,
         R=ratio,
         COFF=coff,
         DC=dc,
@@ -481,7 +551,8 @@ def compress_windows(
         BH=bh,
         BLOCK_R=block_r,
         BLOCK_W=block_w,
-        num_warps=8 if dc >= 512 else 4,
+        TOK_BLOCK=tok_block,
+        num_warps=_num_warps(dc),
     )
     return entries, has_entry
 

@@ -22,7 +22,9 @@ SCALE_FLOOR = 1e-4
 
 def ue8m0_scale(amax: Tensor) -> Tensor:
     """Power-of-two scale (fp32) for tiles with fp32 `amax` (already abs-maxed)."""
-    return torch.pow(2.0, torch.clamp_min(amax.float() / FP8_MAX, SCALE_FLOOR).log2().ceil())
+    return torch.pow(
+        2.0, torch.clamp_min(amax.float() / amax.new_full((), FP8_MAX, dtype=torch.float32), SCALE_FLOOR).log2().ceil()
+    )
 
 
 def quantize_tokens(x: Tensor, nope_dim: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:

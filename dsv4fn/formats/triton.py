@@ -9,7 +9,7 @@
   (`indexer_fp8.py`): `sf = max(amax, 1e-4) / 448`, values `e4m3(k * (1 / sf))`, fp32 scale bytes.
 
 Both skip `loc < 0` (nothing is written), read bf16 inputs as raw bits and encode e4m3 in integer
-math (round to nearest even, torch's results for every finite input: 0x7F only at |v| >= 464), so the
+math (round to nearest even; torch's CPU results for every input, saturating above 448), so the
 same code is exact on the GPU and in the Triton CPU interpreter (whose own fp8 cast rounds ties
 away). IEEE division (`div_rn`) is used where the reference divides. One program per token, no
 host synchronisation (CUDA-graph capturable).
@@ -27,13 +27,14 @@ from ..state import IndexerKeyCache, PagedKVCache
 
 @triton.jit
 def _e4m3_bits(v):
-    """fp32 -> e4m3fn byte (int32 0..255), round to nearest even, as torch's `.to(float8_e4m3fn)`."""
+    """fp32 -> e4m3fn byte (int32 0..255), round to nearest even, as torch's `.to(float8_e4m3fn)`:
+    |v| > 448 (inf included) saturates to +-448, NaN gives 0x7F | sign."""
     bits = v.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80
     a = bits & 0x7FFFFFFF
-    # normal e4m3 (|v| >= 2^-6): rebias the exponent by -120 and round the mantissa to 3 bits
-    an = tl.minimum(a, 1087 << 20)
-    normal = ((an + 0x7FFFF + ((an >> 20) & 1)) >> 20) - (120 << 3)
+    # normal e4m3 (|v| >= 2^-6): rebias the exponent by -120, round the mantissa to 3 bits, saturate
+    an = tl.minimum(a, 0x43F00000)  # 480.0: rounds past 448, then clamped
+    normal = tl.minimum(((an + 0x7FFFF + ((an >> 20) & 1)) >> 20) - (120 << 3), 0x7E)
     # subnormal e4m3: round(|v| * 2^9) to an integer, from the fp32 significand
     e = a >> 23
     m = (a & 0x7FFFFF) | 0x800000
@@ -43,7 +44,7 @@ def _e4m3_bits(v):
     half = 1 << (s - 1)
     q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
     code = tl.where(a >= (121 << 23), normal, q)
-    code = tl.where(a >= (1087 << 20), 0x7F, code)  # |v| >= 464, inf, NaN: torch gives NaN (0x7F)
+    code = tl.where(a > 0x7F800000, 0x7F, code)  # NaN
     return code | sign
 
 
@@ -241,6 +242,8 @@ def store_model1(cache: PagedKVCache, x: Tensor, loc: Tensor) -> PagedKVCache:
     if tile < 2 or tile & (tile - 1) or cache.nope_dim % tile:
         raise ValueError(f"cache.tile: expected a power of two >= 2 dividing nope_dim {cache.nope_dim}, got {tile}")
     _check_cache_data(cache.data, cache.page_bytes)
+    if cache.data.storage_offset() % 2 or cache.data.stride(0) % 2:
+        raise ValueError("cache.data: the bf16 rope values need 2-byte aligned records (even offset and page stride)")
     if isinstance(x, Tensor) and x.dtype != torch.bfloat16 and x.is_floating_point():
         x = x.to(torch.bfloat16)  # the reference quantizes x.to(bfloat16)
     _check_rows("x", x, (torch.bfloat16,), cache.head_dim)

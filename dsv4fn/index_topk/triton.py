@@ -3,11 +3,15 @@
 Two ops, both CUDA-graph capturable (no host synchronisation, no value-dependent allocation; the
 grids depend only on shapes and static sizes):
 
-* `dsv4fn::indexer_paged_logits` — one program per (token, chunk of `PAGES` cache pages). Per page
-  it loads the `page_size × di` e4m3 keys and their fp32 scales straight from DeepGEMM's paged layout,
-  computes `[keys × di] · [di × hi]` with an fp8 `tl.dot` (fp32 accumulation), then relu, the
-  per-head weights, a sum over heads and the key scale. Columns `>= visible[t]` (all of them up to
-  `width`, also on pages the token never reaches) are written as −inf.
+* `dsv4fn::indexer_paged_logits` — one program per (token, chunk of `rows × iters` logical entries).
+  Per tile of `rows` entries each row finds its page through the page table, loads its `di` e4m3 key
+  bytes and fp32 scale straight from DeepGEMM's paged layout, computes `[rows × di] · [di × hi]` with
+  an fp8 `tl.dot` (fp32 accumulator), then relu, the per-head weights, a sum over heads and the key
+  scale. Columns `>= visible[t]` (all of them up to `width`, also on pages the token never reaches)
+  are written as −inf. Precision: Hopper's fp8 MMA keeps ~14 mantissa bits while accumulating a dot
+  product (DeepGEMM behaves the same; on the H100 the two agree to 2e-7 relative), ~2e-4 relative
+  to the fp64 reference; `LOGITS_CONFIG["mma_fp16"] = 1` upcasts the operands to fp16 (exact) for
+  ~1e-7 at ~0.75x the speed. Under the interpreter both are exact.
 * `dsv4fn::indexer_topk` — one program per row. Rows with `visible <= topk` take entries
   `0..visible-1` in order. Longer rows map the fp32 logits to order-preserving uint32 keys and find
   the k-th largest key by radix select (`RADIX_BITS` bits per round, a histogram per round over the
@@ -29,8 +33,21 @@ from ..state import IndexerKeyCache
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # tuning knobs (bench/index_dev.py sweeps them); read at call time
-LOGITS_CONFIG: dict[str, int] = {"pages": 4, "num_warps": 4, "num_stages": 3, "imprecise_acc": 0}
-TOPK_CONFIG: dict[str, int] = {"block": 4096, "radix_bits": 8, "num_warps": 8}
+# rows: logical entries per tl.dot tile (power of 2 >= 16), iters: tiles per program, mma_fp16: upcast the
+# e4m3 operands to fp16 for the MMA (exact products, full fp32 accumulation; Hopper's fp8 MMA accumulates
+# with ~14 mantissa bits, ~2e-4 relative), imprecise_acc: Triton's max_num_imprecise_acc for the fp8 MMA
+# H100, b=32 decode (bench/results/h100/index_triton_dev.txt): 119 us at 64k keys (DeepGEMM 112 us),
+# 69 us at 16k keys (DeepGEMM 38 us; the 16k timings varied ~2x between configs and runs)
+LOGITS_CONFIG: dict[str, int] = {
+    "rows": 128,
+    "iters": 8,
+    "num_warps": 4,
+    "num_stages": 3,
+    "mma_fp16": 0,
+    "imprecise_acc": 0,
+}
+# block: entries per chunk of a pass (0: 8192, the best measured on the H100 at 16k and 64k columns)
+TOPK_CONFIG: dict[str, int] = {"block": 0, "radix_bits": 8, "num_warps": 16}
 
 
 def _pow2(n: int, floor: int) -> int:
@@ -58,51 +75,52 @@ def _paged_logits_kernel(
     max_blocks,
     PAGE: tl.constexpr,
     PAGE_BYTES: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PAGES: tl.constexpr,
+    ITERS: tl.constexpr,
+    MMA_FP16: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
 ):
+    """Program (token, chunk): ITERS tiles of BLOCK_R consecutive logical entries; each row of a tile
+    finds its page through the page table (a tile may span several pages)."""
     tok = tl.program_id(0)
     chunk = tl.program_id(1)
     req = tl.load(treq_ptr + tok).to(tl.int64)
     vis = tl.load(vis_ptr + tok)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     hmask = offs_h < hi
     dmask = offs_d < di
-    pmask = offs_p < PAGE
     q = tl.load(
         q_ptr + tok.to(tl.int64) * hi * di + offs_h[:, None] * di + offs_d[None, :],
         mask=hmask[:, None] & dmask[None, :],
         other=0.0,
     )
+    if MMA_FP16:
+        q = q.to(tl.float16)  # e4m3 -> fp16 is exact; fp16 MMA accumulates in full fp32
     qt = tl.trans(q)  # [BLOCK_D, BLOCK_H]: k-major B operand
     w = tl.load(w_ptr + tok.to(tl.int64) * hi + offs_h, mask=hmask, other=0.0)
     out_row = out_ptr + tok.to(tl.int64) * width
-    for i in range(PAGES):
-        p = chunk * PAGES + i
-        col = p * PAGE + offs_p
-        # (the interpreter mishandles scalar & scalar masks: one comparison, a clamped index)
-        page = tl.load(pt_ptr + req * max_blocks + tl.minimum(p, max_blocks - 1), mask=p * PAGE < vis, other=0)
-        page = page.to(tl.int64)
-        kmask = pmask & (col < vis)
-        base = page * PAGE_BYTES
-        k = tl.load(
-            kv_ptr + base + offs_p[:, None] * di + offs_d[None, :],
-            mask=kmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        sk = tl.load(ks_ptr + (base + PAGE * di) // 4 + offs_p, mask=kmask, other=0.0)
-        if IMPRECISE_ACC > 0:
-            dots = tl.dot(k, qt, max_num_imprecise_acc=IMPRECISE_ACC)  # [BLOCK_P, BLOCK_H] fp32
+    pt_row = pt_ptr + req * max_blocks
+    for i in range(ITERS):
+        col = (chunk * ITERS + i) * BLOCK_R + offs_r
+        kmask = col < vis
+        page = tl.load(pt_row + tl.minimum(col // PAGE, max_blocks - 1), mask=kmask, other=0).to(tl.int64)
+        slot_off = col % PAGE
+        row_addr = page * PAGE_BYTES + slot_off * di
+        k = tl.load(kv_ptr + row_addr[:, None] + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        sk = tl.load(ks_ptr + (page * PAGE_BYTES + PAGE * di) // 4 + slot_off, mask=kmask, other=0.0)
+        if MMA_FP16:
+            dots = tl.dot(k.to(tl.float16), qt)  # [BLOCK_R, BLOCK_H] fp32
+        elif IMPRECISE_ACC > 0:
+            dots = tl.dot(k, qt, max_num_imprecise_acc=IMPRECISE_ACC)
         else:
             dots = tl.dot(k, qt)
         logit = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1) * sk
-        logit = tl.where(col < vis, logit, float("-inf"))
-        tl.store(out_row + col, logit, mask=pmask & (col < width))
+        logit = tl.where(kmask, logit, float("-inf"))
+        tl.store(out_row + col, logit, mask=col < width)
 
 
 @torch.library.triton_op("dsv4fn::indexer_paged_logits", mutates_args=())
@@ -121,13 +139,11 @@ def indexer_paged_logits(
     out = torch.empty((t, width), dtype=torch.float32, device=q8.device)
     if t == 0 or width == 0:
         return out
-    page_bytes = page_size * (di + 4)
     kv = cache_data.view(torch.float8_e4m3fn)
     ks = cache_data.view(torch.float32)
     cfg = LOGITS_CONFIG
-    pages = cfg["pages"]
-    n_pages = triton.cdiv(width, page_size)
-    grid = (t, triton.cdiv(n_pages, pages))
+    rows, iters = cfg["rows"], cfg["iters"]
+    grid = (t, triton.cdiv(width, rows * iters))
     torch.library.wrap_triton(_paged_logits_kernel)[grid](
         q8,
         weights,
@@ -142,11 +158,12 @@ def indexer_paged_logits(
         width,
         page_table.shape[1],
         PAGE=page_size,
-        PAGE_BYTES=page_bytes,
-        BLOCK_P=_pow2(page_size, 16),
+        PAGE_BYTES=page_size * (di + 4),
+        BLOCK_R=rows,
         BLOCK_H=_pow2(hi, 16),
         BLOCK_D=_pow2(di, 16),
-        PAGES=pages,
+        ITERS=iters,
+        MMA_FP16=bool(cfg["mma_fp16"]),
         IMPRECISE_ACC=cfg["imprecise_acc"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
@@ -162,7 +179,8 @@ def _check_logits_args(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, page
     if q8.shape[2] != cache.dim:
         raise ValueError(f"q8: head dim {q8.shape[2]} != cache.dim {cache.dim}")
     if weights.dtype != torch.float32 or tuple(weights.shape) != tuple(q8.shape[:2]) or not weights.is_contiguous():
-        raise TypeError(f"weights: expected contiguous float32 {tuple(q8.shape[:2])}, got {weights.dtype} {tuple(weights.shape)}")
+        want = tuple(q8.shape[:2])
+        raise TypeError(f"weights: expected contiguous float32 {want}, got {weights.dtype} {tuple(weights.shape)}")
     if (cache.page_size * cache.dim) % 4:
         raise ValueError(f"cache: page_size*dim = {cache.page_size * cache.dim} must be a multiple of 4 (fp32 scales)")
     if not cache.data.is_contiguous():
@@ -363,7 +381,7 @@ def indexer_topk(
         page_table.shape[1],
         topk,
         PAGE=page_size,
-        BLOCK=cfg["block"],
+        BLOCK=cfg["block"] or 8192,
         B0=bits[0],
         B1=bits[1],
         B2=bits[2],

@@ -1,3 +1,5 @@
+# pyright: reportPossiblyUnboundVariable=false
+# (constexpr-guarded branches in @triton.jit kernels: names bound under one constexpr value only)
 """Triton kernels for RMS-normalize, RoPE (interleaved pairs) and the fused norm + RoPE.
 
 One kernel serves the three steps (constexpr flags pick normalize / rotate / both). Every row of
@@ -223,12 +225,13 @@ def _launch(
     rope: bool,
     inverse: bool,
 ) -> None:
-    n_rows, d = x2.shape
+    n_rows = x2.shape[0]
     if n_rows == 0:
         return
+    d = int(x2.shape[1])  # compile-time sizes: specialized (symbolic under dynamic tracing)
+    half = int(cos2.shape[-1]) if (rope and cos2 is not None) else 0
     block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(_BLOCK_ELEMS // block_d, triton.next_power_of_2(n_rows)))
-    half = cos2.shape[-1] if (rope and cos2 is not None) else 0
+    block_r = max(1, _BLOCK_ELEMS // block_d)
     out_bf16 = out2.dtype == torch.bfloat16
     out_k = out2.view(torch.int16) if out_bf16 else out2
     grid = (triton.cdiv(n_rows, block_r),)

@@ -1,0 +1,233 @@
+"""Peer kernels run on the same inputs as ours: FlashMLA's DSV4 sparse decode, DeepGEMM's FP8 paged
+MQA logits, and `torch.topk`. Each is optional: a peer that cannot be loaded is reported as
+missing (with the reason), never replaced by something else.
+
+* FlashMLA: `torch.ops.load_library(os.environ["DSV4_PEER_FLASHMLA_SO"])` (the library shipped in
+  the sglang-kernel wheel) registers ops under `torch.ops.sgl_kernel`; the sparse decode op is found
+  at run time by name (`*sparse_decode*`), and its arguments are bound by the names in its schema,
+  following FlashMLA's `flash_mla_with_kvcache` contract: q bf16 `[b, s_q, h, d]`; the MODEL1 caches
+  as `PagedKVCache.as_flashmla()` views `[pages, P, 1, 584]`; indices int32 `[b, s_q, k]` (k a
+  multiple of 64, −1 unused); lengths int32 `[b]` clamped to >= 1; sink fp32 `[h]`; d_v 512.
+  The first call builds the tile-scheduler metadata; timed calls reuse it (like our `plan`, it is
+  made once per batch, not per layer).
+* DeepGEMM: `deep_gemm.get_paged_mqa_logits_metadata(context_lens, 64, num_sms)` first (not timed),
+  then `deep_gemm.fp8_paged_mqa_logits(q [t, 1, hi, di] e4m3, IndexerKeyCache.as_deepgemm(),
+  weights fp32 [t, hi], context_lens int32 [t], block_table int32 [t, max_blocks], schedule,
+  max_context_len)`. Query tokens are rows (next_n = 1): MTP and prefill rows repeat their request's
+  block-table row, as SGLang does.
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+PEERS = ("flashmla", "deepgemm", "torch.topk", "deepgemm+torch.topk")
+# which peers each op is compared with
+OP_PEERS: dict[str, tuple[str, ...]] = {
+    "attend": ("flashmla",),
+    "attend_hca": ("flashmla",),
+    "index_logits": ("deepgemm",),
+    "topk": ("torch.topk",),
+    "index_topk": ("deepgemm+torch.topk",),
+}
+
+_state: dict[str, Any] = {}
+
+
+class PeerMissing(RuntimeError):
+    """The peer cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashMLA
+# ---------------------------------------------------------------------------------------------
+
+# our names -> the names FlashMLA's schemas have used for the same argument
+_FLASHMLA_ALIASES: dict[str, tuple[str, ...]] = {
+    "q": ("q",),
+    "k_cache": ("kv", "k_cache", "kcache", "kv_cache"),
+    "indices": ("indices",),
+    "topk_length": ("topk_length",),
+    "attn_sink": ("attn_sink",),
+    "tile_scheduler_metadata": ("tile_scheduler_metadata",),
+    "num_splits": ("num_splits",),
+    "extra_k_cache": ("extra_kv", "extra_k_cache", "extra_kcache"),
+    "extra_indices": ("extra_indices", "extra_indices_in_kvcache"),
+    "extra_topk_length": ("extra_topk_length",),
+    "d_v": ("d_v", "head_dim_v", "head_size_v"),
+    "sm_scale": ("sm_scale", "softmax_scale"),
+}
+
+
+def flashmla_op() -> tuple[Any, str]:
+    """(the sparse decode op overload, its schema string); raises `PeerMissing`."""
+    if "flashmla" in _state:
+        got = _state["flashmla"]
+        if isinstance(got, PeerMissing):
+            raise got
+        return got
+    try:
+        if not torch.cuda.is_available():
+            raise PeerMissing("needs CUDA")
+        so = os.environ.get("DSV4_PEER_FLASHMLA_SO")
+        if not so:
+            raise PeerMissing("DSV4_PEER_FLASHMLA_SO is not set")
+        if not os.path.exists(so):
+            raise PeerMissing(f"DSV4_PEER_FLASHMLA_SO={so} does not exist")
+        try:
+            torch.ops.load_library(so)
+        except Exception as e:  # a wrong torch ABI, a missing CUDA library ...
+            raise PeerMissing(f"load_library failed: {type(e).__name__}: {e}") from e
+        # the namespace object lists nothing until an op is touched: ask the dispatcher
+        registered = sorted({n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                             if n.startswith("sgl_kernel::")})  # fmt: skip
+        names = [n for n in registered if "sparse_decode" in n and "shared" not in n and "nvfp4" not in n]
+        if not names:
+            raise PeerMissing(f"no *sparse_decode* op under torch.ops.sgl_kernel (ops: {registered})")
+        ns = torch.ops.sgl_kernel
+        name = "sparse_decode_fwd" if "sparse_decode_fwd" in names else sorted(names)[0]
+        op = getattr(ns, name).default
+        got = (op, f"sgl_kernel::{name}: {op._schema}")
+        _state["flashmla"] = got
+        return got
+    except PeerMissing as e:
+        _state["flashmla"] = e
+        raise
+
+
+def flashmla_sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    indices: torch.Tensor,
+    topk_length: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    extra_k_cache: torch.Tensor | None,
+    extra_indices: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None,
+    sm_scale: float,
+    d_v: int = 512,
+) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], str]:
+    """Returns (a no-argument closure computing (o, lse) with cached scheduler metadata, schema)."""
+    op, schema = flashmla_op()
+    values: dict[str, Any] = dict(
+        q=q,
+        k_cache=k_cache,
+        indices=indices,
+        topk_length=topk_length,
+        attn_sink=attn_sink,
+        tile_scheduler_metadata=None,
+        num_splits=None,
+        extra_k_cache=extra_k_cache,
+        extra_indices=extra_indices,
+        extra_topk_length=extra_topk_length,
+        d_v=d_v,
+        sm_scale=sm_scale,
+    )
+    args_schema = op._schema.arguments
+    by_name = {}
+    for ours, names in _FLASHMLA_ALIASES.items():
+        for n in names:
+            by_name[n] = ours
+
+    def bind() -> list[Any]:
+        out = []
+        for a in args_schema:
+            if a.name in by_name:
+                out.append(values[by_name[a.name]])
+            elif a.has_default_value():
+                out.append(a.default_value)
+            else:
+                raise PeerMissing(f"FlashMLA schema has an argument we cannot fill: {a.name} ({schema})")
+        return out
+
+    res = op(*bind())
+    if len(res) >= 4 and res[2] is not None:  # scheduler metadata made by the first call: reuse it
+        values["tile_scheduler_metadata"], values["num_splits"] = res[2], res[3]
+    args = bind()
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        r = op(*args)
+        return r[0], r[1]
+
+    return run, schema
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepGEMM
+# ---------------------------------------------------------------------------------------------
+
+
+def deep_gemm_module() -> Any:
+    if "deepgemm" in _state:
+        got = _state["deepgemm"]
+        if isinstance(got, PeerMissing):
+            raise got
+        return got
+    try:
+        if not torch.cuda.is_available():
+            raise PeerMissing("needs CUDA")
+        try:
+            import deep_gemm  # type: ignore[import-not-found]
+        except Exception as e:
+            raise PeerMissing(f"import deep_gemm failed: {type(e).__name__}: {e}") from e
+        for fn in ("fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata"):
+            if not hasattr(deep_gemm, fn):
+                raise PeerMissing(f"deep_gemm has no {fn}")
+        _state["deepgemm"] = deep_gemm
+        return deep_gemm
+    except PeerMissing as e:
+        _state["deepgemm"] = e
+        raise
+
+
+def deepgemm_paged_logits(
+    q8: torch.Tensor,
+    kv_cache: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context_len: int,
+    *,
+    clean: bool = False,
+) -> Callable[[], torch.Tensor]:
+    """q8 e4m3 `[t, hi, di]` (rows are queries), kv_cache `[pages, 64, 1, di + 4]` uint8, weights fp32
+    `[t, hi]`, context_lens int32 `[t]`, block_table int32 `[t, max_blocks]` -> closure giving fp32
+    logits `[t, max_context_len]`; columns past a row's context are −inf only with `clean`."""
+    dg = deep_gemm_module()
+    num_sms = torch.cuda.get_device_properties(q8.device).multi_processor_count
+    block_kv = kv_cache.shape[1]
+    q4 = q8.unsqueeze(1).contiguous()
+    w = weights.contiguous()
+    bt = block_table.contiguous()
+    lens_1d = context_lens.contiguous()
+    lens_2d = lens_1d.view(-1, 1)  # [t, next_n = 1]: sgl-deep-gemm 0.1.4 asserts context_lens.dim() == 2
+    errors = []
+    # the context_lens rank each call wants differs between DeepGEMM versions: take the first that runs
+    for meta_lens, call_lens in ((lens_1d, lens_2d), (lens_2d, lens_2d), (lens_1d, lens_1d)):
+        try:
+            schedule = dg.get_paged_mqa_logits_metadata(meta_lens, block_kv, num_sms)
+            dg.fp8_paged_mqa_logits(q4, kv_cache, w, call_lens, bt, schedule, max_context_len, clean)
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}".splitlines()[0][:160])
+            continue
+
+        def run(lens: torch.Tensor = call_lens, sched: torch.Tensor = schedule) -> torch.Tensor:
+            return dg.fp8_paged_mqa_logits(q4, kv_cache, w, lens, bt, sched, max_context_len, clean)
+
+        return run
+    raise RuntimeError("DeepGEMM fp8_paged_mqa_logits failed with 1-D and 2-D context_lens: " + " | ".join(errors))
+
+
+def availability() -> dict[str, str]:
+    """Peer name -> "ok" or why it is missing (loads the libraries)."""
+    out: dict[str, str] = {"torch.topk": "ok"}
+    for name, probe in (("flashmla", flashmla_op), ("deepgemm", deep_gemm_module)):
+        try:
+            probe()
+            out[name] = "ok"
+        except PeerMissing as e:
+            out[name] = f"missing: {e}"
+    out["deepgemm+torch.topk"] = out["deepgemm"]
+    return out
