@@ -6,8 +6,8 @@ reference and optional kernel implementations that register themselves when thei
 arguments and returns the reference's outputs.
 
 * `backend=None` means the default: `DSV4FN_BACKEND` if set, else `"auto"`.
-* `"auto"`: the first available of the step's preference list on the tensors' device (GPU: the
-  fastest measured on the H100, see bench/results), the reference on CPU.
+* `"auto"`: the first available of the step's preference list (`AUTO_ORDER` unless the step set its
+  own) on CUDA tensors — the fastest measured on the H100, see bench/results —, the reference on CPU.
 * `"compare"` (or `"compare:<backend>"`): runs the reference beside the chosen backend and raises
   `BackendMismatch` with a worst-element report when they disagree beyond the step's tolerance.
 """
@@ -24,6 +24,9 @@ _impls: dict[str, dict[str, Callable[..., Any]]] = {}
 _comparators: dict[str, Callable[[Any, Any], str | None]] = {}
 _auto_order: dict[str, tuple[str, ...]] = {}
 _loaded: set[tuple[str, str]] = set()
+# GPU preference when a step sets none: the fastest measured on the H100 (bench/results/h100). The
+# Triton kernels beat the TileLang ones at every measured size so far (attention 3-12x, logits 1.7x).
+AUTO_ORDER: tuple[str, ...] = ("triton", "tilelang")
 # where each step's kernel modules live
 _MODULES: dict[str, str] = {
     "attend": "attend",
@@ -106,7 +109,7 @@ def resolve(step: str, backend: str | None, device: torch.device) -> tuple[str, 
         return f"compare:{inner_name}", _comparing(step, ref, inner_fn, inner_name)
     if name == "auto":
         if device.type == "cuda":
-            for b in _auto_order.get(step, ("tilelang", "triton")):
+            for b in _auto_order.get(step, AUTO_ORDER):
                 _load(step, b)
                 if b in _impls.get(step, {}):
                     return b, _impls[step][b]
