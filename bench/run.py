@@ -250,13 +250,19 @@ def check_attention(expect: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.
     return ok, f"o rel_rms={r:.2e} lse max|d|={lerr:.2e}"
 
 
+LOGITS_TOL = 2e-3
+
+
 def check_logits(
     expect: torch.Tensor, magnitude: torch.Tensor, got: torch.Tensor, visible: torch.Tensor, *, masked: bool
 ) -> Check:
-    """Visible columns: |Δ| <= 1e-4 · `magnitude`, where `magnitude` = Σ_h |w_h|·relu(q_h·k)·s_k (the
+    """Visible columns: |Δ| <= LOGITS_TOL · `magnitude`, where `magnitude` = Σ_h |w_h|·relu(q_h·k)·s_k (the
     reference with |weights|): the size of the summed terms, which is what fp32 accumulation errors
     scale with — the heads' weights have both signs, so a logit can be far smaller than its terms.
-    `masked`: ours must also be −inf past each row's visible entries."""
+    `masked`: ours must also be −inf past each row's visible entries.
+    LOGITS_TOL is 2e-3: Hopper's FP8 tensor cores accumulate the 128-term q·k dot with ~14 mantissa
+    bits, so every FP8-MMA result (DeepGEMM's and ours alike) sits 2e-4..3e-4 from the fp64
+    reference on the H100 (bench/results/h100, 2026-11-24) while the two agree with each other."""
     n = expect.shape[0]
     w = min(expect.shape[1], got.shape[1])
     col = torch.arange(w, device=expect.device)
@@ -265,7 +271,7 @@ def check_logits(
     err = torch.where(valid, (e - g).abs(), 0.0)
     scale = torch.where(valid, magnitude[:, :w].double(), 1.0).clamp_min(1e-30)
     rel = (err / scale).max().item() if err.numel() else 0.0
-    ok = rel <= 1e-4 and bool(torch.isfinite(torch.where(valid, g, 0.0)).all())
+    ok = rel <= LOGITS_TOL and bool(torch.isfinite(torch.where(valid, g, 0.0)).all())
     detail = f"max|d|/sum|terms|={rel:.2e}"
     if masked:
         outside = torch.where(~valid, g, float("-inf"))
@@ -464,7 +470,7 @@ def setup_index(case: Case, dev: torch.device) -> Bench:
             return False, "lengths differ"
         el = slots_to_logical(e_sel, meta, csa.page_size)
         gl = slots_to_logical(sel[:n], meta, csa.page_size)
-        return check_selection(ref_logits(), e_lens, el, gl, 1e-4, magnitude())
+        return check_selection(ref_logits(), e_lens, el, gl, LOGITS_TOL, magnitude())
 
     def dg_topk() -> tuple[Callable[[], Any], Callable[[Any], Check]]:
         dg = peers_mod.deepgemm_paged_logits(q8, keys.as_deepgemm(), w, ctx_lens, block_table, width, clean=True)
@@ -476,7 +482,7 @@ def setup_index(case: Case, dev: torch.device) -> Bench:
         def check_p(out: Any) -> Check:
             e_sel, e_lens = ref_sel()
             el = slots_to_logical(e_sel, meta, csa.page_size)
-            return check_selection(ref_logits(), e_lens, el, out[:n], 1e-4, magnitude())
+            return check_selection(ref_logits(), e_lens, el, out[:n], LOGITS_TOL, magnitude())
 
         return run, check_p
 

@@ -82,6 +82,16 @@ def _compare(name: str, expect: Tensor, got: Tensor, env: Tensor | None = None, 
         bad = (got != expect).nonzero()
         assert bad.shape[0] == 0, f"{name}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}"
         return
+    if expect.dtype in (torch.bfloat16, torch.float16) and env is not None:
+        # GPU vs CPU: the fp32 sum of squares may round differently (another reduction order); after
+        # a rotation that cancels, one fp32 ulp of the input can move a small output by many of its own
+        # ulps, so bound the error by one bf16 ulp of the rotation's magnitude envelope instead.
+        err = (got.double() - expect.double()).abs()
+        bound = env.cpu().double() * 2.0**-8
+        bad = (err > bound).nonzero()
+        assert bad.shape[0] == 0, f"{name}: {bad.shape[0]} elements beyond one bf16 ulp of the envelope"
+        _REPORT.append(f"{name}: {int((err > 0).sum())}/{err.numel()} elements differ (within the envelope)")
+        return
     if expect.dtype in (torch.bfloat16, torch.float16):
         dist = (_ordered(got.view(torch.int16)) - _ordered(expect.view(torch.int16))).abs()
         n_diff = int((dist > 0).sum())
@@ -330,7 +340,8 @@ def test_gpu_v4_sizes(heads):
     q = _rand_x((t, heads, d), torch.bfloat16, gen)
     c1, s1 = cos.unsqueeze(1), sin.unsqueeze(1)
     got = tk.norm_rope(q.cuda(), None, 1e-6, c1.cuda(), s1.cuda(), out_dtype=torch.bfloat16)
-    _compare(f"gpu norm_rope q h{heads}", ref.norm_rope(q, None, 1e-6, c1, s1, out_dtype=torch.bfloat16), got)
+    env = _rope_env(ref.rms_normalize(q.float(), None, 1e-6), c1, s1)
+    _compare(f"gpu norm_rope q h{heads}", ref.norm_rope(q, None, 1e-6, c1, s1, out_dtype=torch.bfloat16), got, env)
     # kv path
     kv = _rand_x((t, d), torch.bfloat16, gen)
     wkv = 1 + 0.2 * torch.randn(d, generator=gen)

@@ -265,7 +265,7 @@ def _sparse_attn_fwd(
             idx_c = _load_idx(irow, lim, j0, BLOCK_N)
             raw_c, sbyte_c, rope_c, vcur = _load_raw(kvp, stp, pg, idx_c, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
             k = _dequant(raw_c, sbyte_c, rope_c, NT, NT_P, TILE, DEQ_BF16, INTERPRET)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k)) * tl.cast(scale_log2, tl.float32)
         s = tl.where(vcur[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
