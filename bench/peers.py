@@ -217,6 +217,17 @@ def deepgemm_paged_logits(
             return dg.fp8_paged_mqa_logits(q4, kv_cache, w, lens, bt, sched, max_context_len, clean)
 
         return run
+    if clean:
+        # sgl-deep-gemm 0.1.4: the logits kernel wants 2-D context_lens but its cleaning pass asserts
+        # 1-D ones; clean with one masked_fill instead (inside the timed closure: the pipeline needs it)
+        raw = deepgemm_paged_logits(q8, kv_cache, weights, context_lens, block_table, max_context_len, clean=False)
+        cols = torch.arange(max_context_len, device=q8.device)
+        outside = cols.view(1, -1) >= context_lens.view(-1, 1)
+
+        def run_clean() -> torch.Tensor:
+            return raw().masked_fill_(outside, float("-inf"))
+
+        return run_clean
     raise RuntimeError("DeepGEMM fp8_paged_mqa_logits failed with 1-D and 2-D context_lens: " + " | ".join(errors))
 
 
