@@ -6,7 +6,8 @@ import torch
 from jaxtyping import BFloat16, Float32
 from torch import Tensor
 
-from ._linear import linear
+from . import _backend
+from ._linear import linear, linear_fp32
 from ._pytree import pytree_dataclass, static
 from .attend import attend
 from .compress import CompressorParams, compress
@@ -144,14 +145,20 @@ def attention_layer(
     Donates `state`."""
     t = x.shape[0]
     h, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
+    # the reference path projects with batch-invariant fp64 GEMMs (chunking invariance is bitwise);
+    # kernel paths use fp32 GEMMs
+    kernel_path = _backend.resolve("attend", backend, x.device)[0] not in ("torch",) and not (
+        backend or _backend.default_backend()
+    ).startswith("compare")
+    linear_ = linear_fp32 if kernel_path else linear
     cos, sin = rope_cos_sin(params.freqs, meta.positions)
     # 1-2. query: q LoRA, per-head weightless RMS-normalize, RoPE
-    qr = rms_normalize(linear(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
+    qr = rms_normalize(linear_(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
     q = norm_rope(
-        linear(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1), out_dtype=torch.bfloat16
+        linear_(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1), out_dtype=torch.bfloat16
     )
     # 3. raw KV into the window cache
-    kv = norm_rope(linear(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
+    kv = norm_rope(linear_(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
     swa = store_kv(state.swa, kv, meta.swa_write_loc, backend=backend)
     new = dataclasses.replace(state, swa=swa)
     extra_cache = extra_idx = extra_lens = None
@@ -165,8 +172,8 @@ def attention_layer(
         )
         assert isinstance(keys, IndexerKeyCache)
         new = dataclasses.replace(new, index_state=idx_state, index_keys=keys)
-        qi = linear(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
-        w_raw = linear(x, ip.weights_proj)
+        qi = linear_(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
+        w_raw = linear_(x, ip.weights_proj)
         q8, w = prepare_query(qi, w_raw, cos, sin, cfg.index_weight_scale)
         csa_idx, csa_lens = index_topk(q8, w, keys, meta, backend=backend)
     # 5. attention compressor
@@ -199,6 +206,7 @@ def attention_layer(
     # 7-8. inverse RoPE, grouped output projection
     o = apply_rope(o.view(t, h, d), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
     g = cfg.o_groups
-    u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).double(), params.wo_a.double()).float().to(torch.bfloat16)
-    out = linear(u.flatten(1), params.wo_b).to(torch.bfloat16)
+    acc = torch.float32 if kernel_path else torch.float64
+    u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).to(acc), params.wo_a.to(acc)).float().to(torch.bfloat16)
+    out = linear_(u.flatten(1), params.wo_b).to(torch.bfloat16)
     return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)
