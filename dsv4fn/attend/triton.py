@@ -24,7 +24,6 @@ signature and registers itself as the "triton" backend of the "attend" step.
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -32,14 +31,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
+from .._triton_common import interpreting
 from ..state import PagedKVCache
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +421,7 @@ def sparse_attn(
     tps = max(1, triton.cdiv(total_tiles, splits))
     splits = max(1, triton.cdiv(total_tiles, tps))
     block_h = block_h if block_h > 0 else _block_h(h)
-    interp = _interpret()
+    interp = interpreting()
 
     o = torch.empty((b, s_q, h, d), dtype=torch.bfloat16, device=q.device)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)

@@ -43,22 +43,16 @@ The op is `dsv4fn::compress_windows` (flat arguments, mutates the two state tens
 "triton" backend of the "compress" step.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
+from .._triton_common import f32_to_bf16_bits, interpreting
 from ..state import DSV4AttnMetadata, KVAndScore
 
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-if _interpret():
+if interpreting():
 
     @triton.jit
     def _mul_rn(a, b):
@@ -85,15 +79,6 @@ else:
 # ---------------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _bf16_bits(y):
-    """fp32 -> bf16 bit pattern (int16), round to nearest even (the interpreter's cast truncates)."""
-    bits = y.to(tl.int32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(y != y, 0x7FC0, rounded)
-    return rounded.to(tl.int16)
 
 
 @triton.jit
@@ -216,8 +201,8 @@ def _entry(
     re = tl.where(rot, _mul_rn(ye, cs) - _mul_rn(yo, sn), ye)
     im = tl.where(rot, _mul_rn(ye, sn) + _mul_rn(yo, cs), yo)
     row = ent_ptr + out_row.to(tl.int64) * DC
-    tl.store(row + 2 * h, _bf16_bits(re), mask=hmask)
-    tl.store(row + 2 * h + 1, _bf16_bits(im), mask=hmask)
+    tl.store(row + 2 * h, f32_to_bf16_bits(re), mask=hmask)
+    tl.store(row + 2 * h + 1, f32_to_bf16_bits(im), mask=hmask)
 
 
 @triton.jit

@@ -20,17 +20,16 @@ grids depend only on shapes and static sizes):
   slots through the page table. No sort. Positions `>= min(visible, topk)` are −1.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
+from .._triton_common import interpreting
 from ..state import IndexerKeyCache
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 
 # tuning knobs (bench/index_dev.py sweeps them); read at call time
 # rows: logical entries per tl.dot tile (power of 2 >= 16), iters: tiles per program, mma_fp16: upcast the

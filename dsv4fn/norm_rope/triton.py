@@ -19,7 +19,6 @@ Ops (namespace `dsv4fn::`): `rms_normalize`, `rms_normalize_` (in place, mutates
 """
 
 import math
-import os
 
 import torch
 import triton
@@ -28,17 +27,14 @@ from torch import Tensor
 
 from .. import _backend
 from .._contracts import check_same_device
+from .._triton_common import f32_to_bf16_bits, interpreting
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # elements of one program's [rows, cols] block
 _BLOCK_ELEMS = 4096
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-if _interpret():
+if interpreting():
 
     @triton.jit
     def _mul_rn(a, b):
@@ -52,16 +48,6 @@ else:
         return tl.inline_asm_elementwise(
             "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
         )
-
-
-@triton.jit
-def _f32_to_bf16_bits(y):
-    """fp32 -> bf16 bit pattern (int16), round to nearest even, NaN kept NaN."""
-    bits = y.to(tl.int32, bitcast=True)
-    lsb = (bits >> 16) & 1
-    rounded = (bits + 0x7FFF + lsb) >> 16
-    rounded = tl.where(y != y, 0x7FC0, rounded)
-    return rounded.to(tl.int16)
 
 
 @triton.jit
@@ -128,7 +114,7 @@ def _norm_rope_kernel(
         y = tl.where(rot[None, :], tl.where(odd[None, :], b + a, a - b), y)
     o_ptrs = out_ptr + rows64[:, None] * out_row_stride + cols[None, :]
     if OUT_BF16:
-        tl.store(o_ptrs, _f32_to_bf16_bits(y), mask=mask)
+        tl.store(o_ptrs, f32_to_bf16_bits(y), mask=mask)
     else:
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
