@@ -16,7 +16,7 @@ import torch
 import triton
 
 from dsv4fn.attend.reference import sparse_attention
-from dsv4fn.attend.triton import default_num_splits, sparse_attention_triton, sparse_attn
+from dsv4fn.attend.triton import ATTN_CONFIG, default_num_splits, sparse_attention_triton, sparse_attn
 from dsv4fn.formats import model1
 from dsv4fn.state import PagedKVCache
 
@@ -58,7 +58,7 @@ def graph_time_us(fn) -> float:
     return ms * 1e3
 
 
-def exact_check(deq_bf16: bool) -> None:
+def exact_check(prefetch: bool) -> None:
     """One valid key per row: o must equal the dequantized record bit for bit (softmax weight 1)."""
     torch.manual_seed(1)
     c = PagedKVCache.allocate(8, 64, device="cuda")
@@ -69,13 +69,11 @@ def exact_check(deq_bf16: bool) -> None:
     idx = torch.full((b, 1, 64), -1, dtype=torch.int32, device="cuda")
     idx[:, 0, 17] = torch.randperm(512, device="cuda").to(torch.int32)
     q = torch.randn(b, 1, 16, 512, device="cuda").to(torch.bfloat16)
-    o, _ = sparse_attn(
-        q, c.data, idx, None, None, None, None, None, 0.05, 64, 1, 448, 64, 64, 1, 64, 8, 1, 0, False, deq_bf16
-    )
+    o, _ = sparse_attn(q, c.data, idx, None, None, None, None, None, 0.05, 64, 1, 448, 64, 64, 1, 64, 8, 1, 0, prefetch)
     want = model1.gather(c, idx[:, 0, 17]).view(b, 1, 1, 512).expand_as(o)
     diff = (o != want).sum().item()  # exact values (-0 == +0: the accumulator adds to +0)
     print(
-        f"exact dequant (deq_bf16={deq_bf16}): {diff} of {o.numel()} values differ -> {'OK' if diff == 0 else 'FAIL'}"
+        f"exact dequant (prefetch={prefetch}): {diff} of {o.numel()} values differ -> {'OK' if diff == 0 else 'FAIL'}"
     )
 
 
@@ -87,7 +85,7 @@ def print_kernels() -> None:
         for entry in _sparse_attn_fwd.device_caches.values():
             for k in entry[0].values():
                 cst = getattr(getattr(k, "src", None), "constants", {}) or {}
-                names = ("BLOCK_N", "BLOCK_H", "SINGLE", "PREFETCH", "DEQ_BF16", "HAS_EXTRA")
+                names = ("BLOCK_N", "BLOCK_H", "SINGLE", "PREFETCH", "HAS_EXTRA")
                 tag = {n: v for n, v in cst.items() if (n if isinstance(n, str) else str(n)) in names}
                 md = k.metadata
                 print(
@@ -124,14 +122,12 @@ def check(b: int, h: int, k1: int, k2: int) -> None:
 
 def bench(bs: list[int], h: int, k1: int, k2: int, quick: bool) -> None:
     scale = 512**-0.5
-    # (BLOCK_N, warps, stages, BLOCK_H, prefetch, bf16 dequant)
+    # (BLOCK_N, warps, stages, BLOCK_H, prefetch)
     cfgs = [
-        (64, 8, 1, 64, False, False),
-        (64, 8, 1, 64, False, True),
-        (32, 8, 1, 64, False, False),
-        (32, 8, 1, 64, False, True),
-        (64, 16, 1, 64, False, True),
-        (32, 8, 1, 64, True, True),
+        (64, 8, 1, 64, False),
+        (64, 8, 1, 64, True),
+        (32, 8, 1, 64, False),
+        (32, 8, 1, 64, True),
     ]
     if quick:
         cfgs = cfgs[:2]
@@ -149,12 +145,12 @@ def bench_one(b: int, h: int, k1: int, k2: int, cfgs: list, scale: float) -> Non
     dflt = default_num_splits(b, h, tiles, q.device)
     split_opts = sorted({1, 2, dflt}) if cfgs else []
     best = None
-    for (bn, nw, ns, bh, pf, dq), sp in itertools.product(cfgs, split_opts):
+    for (bn, nw, ns, bh, pf), sp in itertools.product(cfgs, split_opts):
 
-        def fn(bn=bn, nw=nw, ns=ns, sp=sp, bh=bh, pf=pf, dq=dq):
+        def fn(bn=bn, nw=nw, ns=ns, sp=sp, bh=bh, pf=pf):
             return sparse_attn(
                 q, main.data, idx, lens, ec.data, kw["extra_indices"], kw["extra_lens"], kw["sink"], scale,
-                128, 64, 448, 64, 64, sp, bn, nw, ns, bh, pf, dq,
+                128, 64, 448, 64, 64, sp, bn, nw, ns, bh, pf,
             )  # fmt: skip
 
         try:
@@ -168,14 +164,14 @@ def bench_one(b: int, h: int, k1: int, k2: int, cfgs: list, scale: float) -> Non
             continue
         tag = " (default splits)" if sp == dflt else ""
         print(
-            f"b={b:4d} h={h} bn={bn} warps={nw:2d} bh={bh} pf={pf:d} dq16={dq:d} splits={sp:2d}: {us:8.2f} us  "
+            f"b={b:4d} h={h} bn={bn} warps={nw:2d} bh={bh} pf={pf:d} splits={sp:2d}: {us:8.2f} us  "
             f"{bytes_ / us / 1e3:7.1f} GB/s  {flops / us / 1e6:6.1f} TFLOP/s  (first call {ct:.1f}s){tag}",
             flush=True,
         )
         if best is None or us < best[0]:
-            best = (us, bn, nw, ns, bh, pf, dq, sp)
+            best = (us, bn, nw, ns, bh, pf, sp)
     if best:
-        print(f"BEST b={b} h={h}: {best[0]:.2f} us  (bn, warps, stages, bh, prefetch, dq16, splits) = {best[1:]}")
+        print(f"BEST b={b} h={h}: {best[0]:.2f} us  (bn, warps, stages, bh, prefetch, splits) = {best[1:]}")
     us = graph_time_us(lambda: sparse_attention_triton(q, main, idx, lens, scale=scale, **kw))
     ms = triton.testing.do_bench(
         lambda: sparse_attention_triton(q, main, idx, lens, scale=scale, **kw), rep=50, return_mode="median"
@@ -195,9 +191,13 @@ def main() -> None:
     print(f"device {p.name} SMs {p.multi_processor_count} torch {torch.__version__} triton {triton.__version__}")
     print(f"python {sys.version.split()[0]}")
     if not a.no_check:
-        check(1, 64, 128, 512)
-        check(32, 64, 128, 512)
-        check(8, 128, 128, 1024)
+        for pf in (0, 1):
+            ATTN_CONFIG["prefetch"] = pf
+            print(f"-- checks with prefetch={pf}")
+            check(1, 64, 128, 512)
+            check(32, 64, 128, 512)
+            check(8, 128, 128, 1024)
+        ATTN_CONFIG["prefetch"] = 0
     exact_check(False)
     exact_check(True)
     bench([int(x) for x in a.b.split(",")], a.h, 128, a.k2, a.quick)

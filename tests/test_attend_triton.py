@@ -127,6 +127,19 @@ def test_tiny(name, kw, splits, device):
     _compare(*_run_both(q, cache, idx, lens, kwargs, scale, num_splits=splits))
 
 
+@pytest.mark.parametrize("cfg", [dict(prefetch=1), dict(prefetch=1, block_n=32), dict(block_n=32)], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_launch_configs(cfg, splits, device, monkeypatch):
+    """Every launch knob of ATTN_CONFIG computes the same thing (prefetch pipeline incl. list ends,
+    ragged lengths, -1 indices, tiles split across the window/extra boundary)."""
+    from dsv4fn.attend import triton as attn_triton
+
+    monkeypatch.setitem(attn_triton.ATTN_CONFIG, "prefetch", cfg.get("prefetch", 0))
+    monkeypatch.setitem(attn_triton.ATTN_CONFIG, "block_n", cfg.get("block_n", 64))
+    q, cache, idx, lens, kw, scale = _case(k1=70, k2=90, with_lens=True, device=device, seed=21)
+    _compare(*_run_both(q, cache, idx, lens, kw, scale, num_splits=splits))
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_v4_geometry(splits, device):
     q, cache, idx, lens, kw, scale = _case(

@@ -20,6 +20,8 @@ grids depend only on shapes and static sizes):
   slots through the page table. No sort. Positions `>= min(visible, topk)` are −1.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,6 +124,25 @@ def _paged_logits_kernel(
         tl.store(out_row + col, logit, mask=col < width)
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _logits_iters(t: int, width: int, rows: int, iters_max: int, device: torch.device) -> int:
+    """Tiles per program: `iters_max` (fewer programs, q loaded once per chunk) unless that leaves fewer
+    than two programs per SM (small batches: b=1 with 16k keys would run 16 programs); then halve it.
+    From shapes only (CUDA-graph safe); at most log2(iters_max) + 1 compiled variants."""
+    sms = 132
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = triton.cdiv(width, rows)
+    iters = max(1, iters_max)
+    while iters > 1 and t * triton.cdiv(tiles, iters) < 2 * sms:
+        iters //= 2
+    return iters
+
+
 @torch.library.triton_op("dsv4fn::indexer_paged_logits", mutates_args=())
 def indexer_paged_logits(
     q8: Tensor,
@@ -141,7 +162,8 @@ def indexer_paged_logits(
     kv = cache_data.view(torch.float8_e4m3fn)
     ks = cache_data.view(torch.float32)
     cfg = LOGITS_CONFIG
-    rows, iters = cfg["rows"], cfg["iters"]
+    rows = cfg["rows"]
+    iters = _logits_iters(t, width, rows, cfg["iters"], q8.device)
     grid = (t, triton.cdiv(width, rows * iters))
     torch.library.wrap_triton(_paged_logits_kernel)[grid](
         q8,
