@@ -58,7 +58,7 @@ def graph_time_us(fn) -> float:
     return ms * 1e3
 
 
-def exact_check(prefetch: bool) -> None:
+def exact_check(deq_bf16: bool) -> None:
     """One valid key per row: o must equal the dequantized record bit for bit (softmax weight 1)."""
     torch.manual_seed(1)
     c = PagedKVCache.allocate(8, 64, device="cuda")
@@ -69,11 +69,13 @@ def exact_check(prefetch: bool) -> None:
     idx = torch.full((b, 1, 64), -1, dtype=torch.int32, device="cuda")
     idx[:, 0, 17] = torch.randperm(512, device="cuda").to(torch.int32)
     q = torch.randn(b, 1, 16, 512, device="cuda").to(torch.bfloat16)
-    o, _ = sparse_attn(q, c.data, idx, None, None, None, None, None, 0.05, 64, 1, 448, 64, 64, 1, 64, 8, 1, 0, prefetch)
+    o, _ = sparse_attn(
+        q, c.data, idx, None, None, None, None, None, 0.05, 64, 1, 448, 64, 64, 1, 64, 8, 1, 0, False, deq_bf16
+    )
     want = model1.gather(c, idx[:, 0, 17]).view(b, 1, 1, 512).expand_as(o)
     diff = (o != want).sum().item()  # exact values (-0 == +0: the accumulator adds to +0)
     print(
-        f"exact dequant (prefetch={prefetch}): {diff} of {o.numel()} values differ -> {'OK' if diff == 0 else 'FAIL'}"
+        f"exact dequant (deq_bf16={deq_bf16}): {diff} of {o.numel()} values differ -> {'OK' if diff == 0 else 'FAIL'}"
     )
 
 

@@ -127,7 +127,9 @@ def test_tiny(name, kw, splits, device):
     _compare(*_run_both(q, cache, idx, lens, kwargs, scale, num_splits=splits))
 
 
-@pytest.mark.parametrize("cfg", [dict(prefetch=1), dict(prefetch=1, block_n=32), dict(block_n=32)], ids=str)
+@pytest.mark.parametrize(
+    "cfg", [dict(prefetch=1), dict(prefetch=1, block_n=32), dict(block_n=32), dict(deq_bf16=1)], ids=str
+)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_launch_configs(cfg, splits, device, monkeypatch):
     """Every launch knob of ATTN_CONFIG computes the same thing (prefetch pipeline incl. list ends,
@@ -136,6 +138,7 @@ def test_launch_configs(cfg, splits, device, monkeypatch):
 
     monkeypatch.setitem(attn_triton.ATTN_CONFIG, "prefetch", cfg.get("prefetch", 0))
     monkeypatch.setitem(attn_triton.ATTN_CONFIG, "block_n", cfg.get("block_n", 64))
+    monkeypatch.setitem(attn_triton.ATTN_CONFIG, "deq_bf16", cfg.get("deq_bf16", 0))
     q, cache, idx, lens, kw, scale = _case(k1=70, k2=90, with_lens=True, device=device, seed=21)
     _compare(*_run_both(q, cache, idx, lens, kw, scale, num_splits=splits))
 

@@ -34,8 +34,10 @@ from .. import _backend
 from .._triton_common import interpreting
 from ..state import PagedKVCache
 
-# launch knobs of the adapter (bench/attend_dev.py sweeps them); read at call time
-ATTN_CONFIG: dict[str, int] = {"block_n": 64, "num_warps": 8, "prefetch": 0}
+# launch knobs of the adapter (bench/attend_dev.py sweeps them); read at call time. The defaults are the
+# fastest measured on the H100 (bench/results/h100/attend_triton_dev.txt): prefetch and the bf16 dequant
+# spill registers and lose at every batch
+ATTN_CONFIG: dict[str, int] = {"block_n": 64, "num_warps": 8, "prefetch": 0, "deq_bf16": 0}
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -44,6 +46,38 @@ _LN2 = 0.6931471805599453
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_src(
+    t, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr, K2, lim2, page2,
+    t_end, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr,
+):  # fmt: skip
+    """Where key tile `t` of the concatenated list lives: (cache, page stride, index row, usable length,
+    first column, page size). Tiles at or past `t_end` get length 0 (nothing is loaded)."""
+    if HAS_EXTRA:
+        is1 = t < n1
+        kv_ptr = tl.where(is1, kv1_ptr, kv2_ptr)
+        stride_kv = tl.where(is1, stride_kv1, stride_kv2)
+        idx_row = tl.where(is1, idx1_ptr + row.to(tl.int64) * K1, idx2_ptr + row.to(tl.int64) * K2)
+        lim = tl.where(is1, lim1, lim2)
+        j0 = tl.where(is1, t, t - n1) * BLOCK_N
+        page = tl.where(is1, page1, page2)
+    else:
+        kv_ptr = kv1_ptr
+        stride_kv = stride_kv1
+        idx_row = idx1_ptr + row.to(tl.int64) * K1
+        lim = lim1
+        j0 = t * BLOCK_N
+        page = page1
+    lim = tl.where(t < t_end, lim, 0)
+    return kv_ptr, stride_kv, idx_row, lim, j0, page
+
+
+@triton.jit
+def _load_idx(idx_row_ptr, lim, j0, BLOCK_N: tl.constexpr):
+    jj = j0 + tl.arange(0, BLOCK_N)
+    return tl.load(idx_row_ptr + jj, mask=jj < lim, other=-1)
 
 
 @triton.jit
@@ -60,11 +94,8 @@ def _load_raw(
     REC: tl.constexpr,
     SB: tl.constexpr,
 ):
-    """Raw bytes of the keys at slots `idx` (-1 = none): e4m3 codes as int32 words `[n, NT_P, TILE/4]`
-    (4 codes per word, little-endian; 0 outside the nope tiles), scale bytes `[n, NT_P]` (127 = 1.0
-    outside), rope bf16 `[n, 1, TILE]` (the rope tile only, 0 past rope_dim; `_dequant` broadcasts it over
-    the tiles). Words, not bytes: a byte tensor takes a 32-bit register per byte once it lives across a
-    loop iteration (the prefetch), a word tensor one per 4 bytes."""
+    """Raw bytes of the keys at slots `idx` (-1 = none): e4m3 codes `[n, NT_P, TILE]` (0 outside the
+    nope tiles), scale bytes `[n, NT_P]` (127 = 1.0 outside), rope bf16 `[n, NT_P, TILE]` (0 outside)."""
     valid = idx >= 0
     slot = tl.where(valid, idx, 0)
     page = slot // page_size
@@ -74,26 +105,16 @@ def _load_raw(
     sc = page_base + page_size * REC + off * SB  # byte offset of its scale record
     tt = tl.arange(0, NT_P)
     cc = tl.arange(0, TILE)
-    ww = tl.arange(0, TILE // 4)
-    wcol = tt[:, None] * (TILE // 4) + ww[None, :]  # [NT_P, TILE/4] word within the nope bytes
-    is_nope = (tt < NT)[:, None] & (ww >= 0)[None, :]
+    col = tt[:, None] * TILE + cc[None, :]  # [NT_P, TILE] column within the head dim
+    is_nope = (tt < NT)[:, None] & (cc >= 0)[None, :]
+    is_rope = (col >= NOPE) & (col < NOPE + ROPE)
     v3 = valid[:, None, None]
-    kv_i32 = kv_ptr.to(tl.pointer_type(tl.int32))
-    raw = tl.load(kv_i32 + (rec // 4)[:, None, None] + wcol[None, :, :], mask=v3 & is_nope[None, :, :], other=0)
+    raw = tl.load(kv_ptr + rec[:, None, None] + col[None, :, :], mask=v3 & is_nope[None, :, :], other=0)
     sbyte = tl.load(kv_ptr + sc[:, None] + tt[None, :], mask=valid[:, None] & (tt < NT)[None, :], other=127)
     kv_bf16 = kv_ptr.to(tl.pointer_type(tl.bfloat16))
-    rope_ptr = kv_bf16 + (rec[:, None, None] + NOPE) // 2 + cc[None, None, :]  # [n, 1, TILE]
-    rope = tl.load(rope_ptr, mask=v3 & (cc < ROPE)[None, None, :], other=0.0)
+    rope_ptr = kv_bf16 + (rec[:, None, None] + NOPE) // 2 + (col[None, :, :] - NOPE)
+    rope = tl.load(rope_ptr, mask=v3 & is_rope[None, :, :], other=0.0)
     return raw, sbyte, rope, valid
-
-
-@triton.jit
-def _e4m3_to_f32(code, INTERPRET: tl.constexpr):
-    """e4m3fn codes (int32 0..255) -> exact fp32 (hardware conversion; NaN codes 0x7f/0xff -> NaN)."""
-    x = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    if INTERPRET:  # the interpreter decodes the e4m3fn NaN codes 0x7f/0xff as +-480
-        x = tl.where((code & 0x7F) == 0x7F, float("nan"), x)
-    return x
 
 
 @triton.jit
@@ -104,73 +125,30 @@ def _dequant(
     NT: tl.constexpr,
     NT_P: tl.constexpr,
     TILE: tl.constexpr,
+    DEQ_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Exact dequantization: e4m3 -> fp32 times 2^(byte-127) on the nope tiles, the rope tile as is.
-    Returns `[n, NT_P * TILE]` bf16 on GPU (exact: e4m3 times a power of two fits bf16), fp32 in the
-    interpreter."""
+    """Exact dequantization: e4m3 -> fp32 times 2^(byte-127) on the nope tiles, rope as is. Returns
+    `[n, NT_P * TILE]` bf16 on GPU (exact: e4m3 times a power of two fits bf16), fp32 in the interpreter.
+    `DEQ_BF16` (GPU only) converts e4m3 -> bf16 with Triton's native conversion (exact: every e4m3 value,
+    subnormals included, is a bf16) and multiplies by the power-of-two scale in bf16 (exact)."""
     sbits = sbyte.to(tl.int32)
     scale = (sbits << 23).to(tl.float32, bitcast=True)  # 2^(byte-127), exact for bytes 1..254
     scale = tl.where(sbits == 0, 5.877471754111438e-39, scale)  # byte 0: 2^-127 (subnormal)
     is_nope = (tl.arange(0, NT_P) < NT)[None, :, None]
-    b0 = _e4m3_to_f32(raw & 0xFF, INTERPRET)
-    b1 = _e4m3_to_f32((raw >> 8) & 0xFF, INTERPRET)
-    b2 = _e4m3_to_f32((raw >> 16) & 0xFF, INTERPRET)
-    b3 = _e4m3_to_f32((raw >> 24) & 0xFF, INTERPRET)
-    # [n, NT_P, TILE/4, 2, 2] with [.., w, m, i] = byte 2m + i of word w -> [n, NT_P, TILE]
-    nope = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (raw.shape[0], NT_P, TILE))
-    k3 = tl.where(is_nope, nope * scale[:, :, None], rope.to(tl.float32))
-    k = tl.reshape(k3, (raw.shape[0], NT_P * TILE))
-    if not INTERPRET:
-        k = k.to(tl.bfloat16)
-    return k
-
-
-@triton.jit
-def _softmax_step(q, m_i, l_i, acc, k, valid, scale_log2):
-    """One key tile of the online softmax (base 2): S = Q K^T, rescale, O += P K."""
-    s = tl.dot(q, tl.trans(k)) * scale_log2
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _attend_tiles(
-    q, m_i, l_i, acc, kv_ptr, stride_kv, idx_row, lim, page, t0, t1, scale_log2,
-    NOPE: tl.constexpr, ROPE: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr, NT_P: tl.constexpr,
-    REC: tl.constexpr, SB: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    """Online softmax over key tiles `t0 .. t1-1` of one index list (columns `>= lim` and -1 masked).
-    `PREFETCH`: software pipeline — the bytes of tile t+1 and the indices of tile t+2 are loaded before
-    tile t computes, so their memory latency hides behind its two MMAs."""
-    ar = tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        lim_c = tl.where(t0 < t1, lim, 0)
-        idx = tl.load(idx_row + t0 * BLOCK_N + ar, mask=t0 * BLOCK_N + ar < lim_c, other=-1)
-        raw, sbyte, rope, valid = _load_raw(kv_ptr, stride_kv, page, idx, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
-        lim_n = tl.where(t0 + 1 < t1, lim, 0)
-        idx_n = tl.load(idx_row + (t0 + 1) * BLOCK_N + ar, mask=(t0 + 1) * BLOCK_N + ar < lim_n, other=-1)
-        for t in range(t0, t1):
-            k = _dequant(raw, sbyte, rope, NT, NT_P, TILE, INTERPRET)
-            vcur = valid
-            raw, sbyte, rope, valid = _load_raw(kv_ptr, stride_kv, page, idx_n, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
-            jj = (t + 2) * BLOCK_N + ar
-            idx_n = tl.load(idx_row + jj, mask=jj < tl.where(t + 2 < t1, lim, 0), other=-1)
-            m_i, l_i, acc = _softmax_step(q, m_i, l_i, acc, k, vcur, scale_log2)
+    if DEQ_BF16 and not INTERPRET:
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        k3 = tl.where(is_nope, nope * scale.to(tl.bfloat16)[:, :, None], rope)
+        k = tl.reshape(k3, (raw.shape[0], NT_P * TILE))
     else:
-        for t in range(t0, t1):
-            jj = t * BLOCK_N + ar
-            idx = tl.load(idx_row + jj, mask=jj < lim, other=-1)
-            raw, sbyte, rope, valid = _load_raw(kv_ptr, stride_kv, page, idx, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
-            k = _dequant(raw, sbyte, rope, NT, NT_P, TILE, INTERPRET)
-            m_i, l_i, acc = _softmax_step(q, m_i, l_i, acc, k, valid, scale_log2)
-    return m_i, l_i, acc
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if INTERPRET:  # the interpreter decodes the e4m3fn NaN codes 0x7f/0xff as +-480
+            nope = tl.where((raw & 0x7F) == 0x7F, float("nan"), nope)
+        k3 = tl.where(is_nope, nope * scale[:, :, None], rope.to(tl.float32))
+        k = tl.reshape(k3, (raw.shape[0], NT_P * TILE))
+        if not INTERPRET:
+            k = k.to(tl.bfloat16)
+    return k
 
 
 @triton.jit
@@ -214,6 +192,7 @@ def _sparse_attn_fwd(
     HAS_SINK: tl.constexpr,
     SINGLE: tl.constexpr,
     PREFETCH: tl.constexpr,
+    DEQ_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     D: tl.constexpr = NOPE + ROPE
@@ -236,33 +215,66 @@ def _sparse_attn_fwd(
     if INTERPRET:
         q = q.to(tl.float32)
 
+    lim1 = K1
+    if HAS_LEN1:
+        lim1 = tl.minimum(K1, tl.load(len1_ptr + bi))
     n1 = tl.cdiv(K1, BLOCK_N)
     total = n1
+    lim2 = K2
     if HAS_EXTRA:
+        if HAS_LEN2:
+            lim2 = tl.minimum(K2, tl.load(len2_ptr + bi))
         total = n1 + tl.cdiv(K2, BLOCK_N)
-    t_begin = split * tiles_per_split  # this split's share of the concatenated tile list
+    t_begin = split * tiles_per_split
     t_end = tl.minimum(total, t_begin + tiles_per_split)
-    scale = tl.cast(scale_log2, tl.float32)  # fp32 even where Inductor passes Python floats as fp64
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DP], tl.float32)
-    lim1 = K1
-    if HAS_LEN1:
-        lim1 = tl.minimum(K1, tl.load(len1_ptr + bi))
-    m_i, l_i, acc = _attend_tiles(
-        q, m_i, l_i, acc, kv1_ptr, stride_kv1, idx1_ptr + row.to(tl.int64) * K1, lim1, page1,
-        t_begin, tl.minimum(t_end, n1), scale, NOPE, ROPE, TILE, NT, NT_P, REC, SB, BLOCK_N, PREFETCH, INTERPRET,
-    )  # fmt: skip
-    if HAS_EXTRA:
-        lim2 = K2
-        if HAS_LEN2:
-            lim2 = tl.minimum(K2, tl.load(len2_ptr + bi))
-        m_i, l_i, acc = _attend_tiles(
-            q, m_i, l_i, acc, kv2_ptr, stride_kv2, idx2_ptr + row.to(tl.int64) * K2, lim2, page2,
-            tl.maximum(t_begin, n1) - n1, t_end - n1, scale, NOPE, ROPE, TILE, NT, NT_P, REC, SB, BLOCK_N,
-            PREFETCH, INTERPRET,
+    if PREFETCH:
+        # software pipeline: data of tile t+1 and indices of tile t+2 are in flight while tile t computes
+        kvp, stp, irow, lim, j0, pg = _tile_src(
+            t_begin, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr, K2,
+            lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
         )  # fmt: skip
+        idx_c = _load_idx(irow, lim, j0, BLOCK_N)
+        raw, sbyte, rope, valid = _load_raw(kvp, stp, pg, idx_c, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
+        kvp, stp, irow, lim, j0, pg = _tile_src(
+            t_begin + 1, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr,
+            K2, lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+        )  # fmt: skip
+        idx_n = _load_idx(irow, lim, j0, BLOCK_N)
+    for t in range(t_begin, t_end):
+        if PREFETCH:
+            k = _dequant(raw, sbyte, rope, NT, NT_P, TILE, DEQ_BF16, INTERPRET)
+            vcur = valid
+            kvp, stp, irow, lim, j0, pg = _tile_src(
+                t + 1, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr,
+                K2, lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+            )  # fmt: skip
+            raw, sbyte, rope, valid = _load_raw(kvp, stp, pg, idx_n, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
+            kvp, stp, irow, lim, j0, pg = _tile_src(
+                t + 2, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr,
+                K2, lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+            )  # fmt: skip
+            idx_n = _load_idx(irow, lim, j0, BLOCK_N)
+        else:
+            kvp, stp, irow, lim, j0, pg = _tile_src(
+                t, n1, row, kv1_ptr, stride_kv1, idx1_ptr, K1, lim1, page1, kv2_ptr, stride_kv2, idx2_ptr, K2,
+                lim2, page2, t_end, BLOCK_N, HAS_EXTRA,
+            )  # fmt: skip
+            idx_c = _load_idx(irow, lim, j0, BLOCK_N)
+            raw_c, sbyte_c, rope_c, vcur = _load_raw(kvp, stp, pg, idx_c, NOPE, ROPE, TILE, NT, NT_P, REC, SB)
+            k = _dequant(raw_c, sbyte_c, rope_c, NT, NT_P, TILE, DEQ_BF16, INTERPRET)
+        s = tl.dot(q, tl.trans(k)) * tl.cast(scale_log2, tl.float32)
+        s = tl.where(vcur[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
+        m_i = m_new
 
     o = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
     lse2 = m_i + tl.log2(l_i)  # -inf for no keys
@@ -357,13 +369,15 @@ def default_num_splits(rows: int, h: int, k_total_tiles: int, device: torch.devi
 
 def _geometry(nope: int, rope: int, tile: int) -> tuple[int, int, int, int, int]:
     """(NT, NT_P, REC, SB, head-dim span NT_P * TILE) of the MODEL1 record; raises for layouts the
-    kernel's tiling cannot hold (it needs the rope part to fit in the tile after the nope tiles)."""
+    kernel's power-of-two tiling cannot hold."""
     if tile <= 0 or tile & (tile - 1) or nope % tile:
         raise ValueError(f"cache: tile {tile} must be a power of two dividing nope_dim {nope}")
-    if rope <= 0 or rope % 2 or rope > tile:
-        raise ValueError(f"cache: rope_dim {rope} must be positive, even and at most the tile {tile}")
+    if rope <= 0 or rope % 2:
+        raise ValueError(f"cache: rope_dim {rope} must be positive and even")
     nt = nope // tile
-    nt_p = triton.next_power_of_2(nt + 1)
+    nt_p = triton.next_power_of_2(nt + triton.cdiv(rope, tile))
+    if nt_p * tile < nope + rope or nt_p * tile - (nope + rope) >= tile:
+        raise ValueError(f"cache: nope {nope} + rope {rope} does not tile by {tile}")
     rec = nope + 2 * rope
     sb = (nt + 1 + 7) // 8 * 8
     return nt, nt_p, rec, sb, nt_p * tile
@@ -396,6 +410,7 @@ def sparse_attn(
     num_stages: int = 1,
     block_h: int = 0,
     prefetch: bool = False,
+    deq_bf16: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """q bf16 `[b, s_q, h, d]`; kv1/kv2 uint8 `[pages, page_bytes]` (MODEL1 pages); idx1/idx2 int32
     `[b, s_q, k]` contiguous; len1/len2 int32 `[b]`; sink fp32 `[h]`. Returns (o bf16 `[b, s_q, h, d]`,
@@ -466,6 +481,7 @@ def sparse_attn(
         HAS_SINK=sink is not None and splits == 1,
         SINGLE=splits == 1,
         PREFETCH=prefetch,
+        DEQ_BF16=deq_bf16,
         INTERPRET=interp,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -588,6 +604,7 @@ def sparse_attention_triton(
         1,
         0,
         bool(cfg["prefetch"]),
+        bool(cfg["deq_bf16"]),
     )
 
 
