@@ -644,6 +644,41 @@ def setup_store(case: Case, dev: torch.device) -> Bench:
     return Bench(cost, shape, make, check, {}, torch_syncs=True)
 
 
+# A whole layer chains several bf16-rounded steps (q, kv, the attention output, the grouped output
+# projection), each within the per-step 5e-3; on kernel paths its GEMMs run in fp32 (the reference: fp64).
+# Measured: 5.0-5.4e-3 (tiny, CPU interpreter), HCA layers at V4 sizes on the H100 ~5e-3.
+LAYER_RTOL = 1e-2
+
+
+def check_hca_layer(expect: Any, got: Any) -> Check:
+    r = rel_rms(expect[0], got[0])
+    ok = r <= LAYER_RTOL and not torch.isnan(got[0]).any().item()
+    return ok, f"out rel_rms={r:.1e} (layer tolerance {LAYER_RTOL:.0e})"
+
+
+def check_csa_layer(expect: Any, got: Any, min_overlap: float = 0.95) -> Check:
+    """A CSA layer on kernels picks its top-k from FP8-MMA logits (~2e-4 relative from the fp64
+    reference, like DeepGEMM's), so near-tie entries may swap. Tokens whose selected set equals the
+    reference's must match its output (relative RMS <= LAYER_RTOL); tokens with a different set must still
+    share >= `min_overlap` of it (a few near-tie swaps, not a wrong selection)."""
+    (eo, _, ea), (go, _, ga) = expect, got
+    if not torch.equal(ea.csa_lens, ga.csa_lens):
+        return False, "selection lengths differ"
+    es, gs = ea.csa_indices.sort(dim=-1).values, ga.csa_indices.sort(dim=-1).values
+    same = (es == gs).all(dim=-1)
+    n, k = same.numel(), es.shape[-1]
+    if not bool(same.any()):
+        return False, "no token selects the reference's set"
+    r = rel_rms(eo[same], go[same])
+    worst = 1.0
+    for i in (~same).nonzero().flatten().tolist():
+        sel_e = set(es[i][es[i] >= 0].tolist())
+        sel_g = set(gs[i][gs[i] >= 0].tolist())
+        worst = min(worst, len(sel_e & sel_g) / max(1, len(sel_e)))
+    ok = r <= LAYER_RTOL and worst >= min_overlap and not torch.isnan(go).any().item()
+    return ok, f"same set {int(same.sum())}/{n} tokens (k={k}), out rel_rms={r:.1e} there; min overlap {worst:.3f}"
+
+
 def setup_layer(case: Case, dev: torch.device) -> Bench:
     bt = make_batch(case, dev)
     cfg, meta = bt.cfg, bt.meta
@@ -682,8 +717,7 @@ def setup_layer(case: Case, dev: torch.device) -> Bench:
     ref = _lazy(lambda: make("torch", True)())
 
     def check(out: Any) -> Check:
-        r = _backend.compare_tensors("out", ref()[0], out[0])
-        return r is None, r or f"out rel_rms={rel_rms(ref()[0], out[0]):.1e}"
+        return check_csa_layer(ref(), out) if ratio == cfg.csa_ratio else check_hca_layer(ref(), out)
 
     width = cfg.window_width() + w_extra
     ref_bytes = 3.0 * t * width * cfg.head_dim * 8 + t * cfg.num_heads * width * 16

@@ -4,6 +4,7 @@ step, and torch.compile(fullgraph=True) through the Triton ops."""
 import pytest
 import torch
 
+from bench.run import check_csa_layer, check_hca_layer
 from dsv4fn import DSV4Config, attend, attention_layer, init_layer_params, init_layer_state, plan
 from dsv4fn.formats import model1
 from dsv4fn.state import PagedKVCache
@@ -34,8 +35,11 @@ def test_layer_decode_on_kernels_matches_reference(layer):
     lens = [700, 300, 129, 5]
     ref, aux_r = _layer_run(cfg, layer, lens, "torch", "cuda")
     out, aux_k = _layer_run(cfg, layer, lens, "auto", "cuda")
-    err = (out.float() - ref.float()).norm() / ref.float().norm()
-    assert torch.isfinite(out).all() and err < 2e-2, err
+    # tokens that select the reference's top-k set match it to the layer tolerance; near-tie swaps of the
+    # FP8-MMA logits are allowed elsewhere but must keep >= 95% of the set (bench.run.check_csa_layer)
+    check = check_csa_layer if layer == 1 else check_hca_layer
+    ok, detail = check((ref, None, aux_r), (out, None, aux_k))
+    assert ok, detail
 
 
 def _attend_inputs(b=32, h=64):
