@@ -143,6 +143,15 @@ def test_launch_configs(cfg, splits, device, monkeypatch):
     _compare(*_run_both(q, cache, idx, lens, kw, scale, num_splits=splits))
 
 
+def test_many_splits(device, monkeypatch):
+    """16-key tiles, 11 splits: the combine streams its partials in chunks (11 = 2 full chunks + 3)."""
+    from dsv4fn.attend import triton as attn_triton
+
+    monkeypatch.setitem(attn_triton.ATTN_CONFIG, "block_n", 16)
+    q, cache, idx, lens, kw, scale = _case(k1=70, k2=90, with_lens=True, device=device, seed=23)
+    _compare(*_run_both(q, cache, idx, lens, kw, scale, num_splits=11))
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_v4_geometry(splits, device):
     q, cache, idx, lens, kw, scale = _case(

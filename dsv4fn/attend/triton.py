@@ -307,27 +307,36 @@ def _sparse_attn_combine(
     D: tl.constexpr,
     DP: tl.constexpr,
     SPLITS_P: tl.constexpr,
+    CHUNK: tl.constexpr,
     HAS_SINK: tl.constexpr,
 ):
+    """Program (row, head): merge the split partials. The LSEs come in one vector; the fp32 partial
+    outputs stream in CHUNK splits at a time (a [splits, d] tile would not fit in registers at 100+
+    splits)."""
     pid = tl.program_id(0)
     head = pid % H
     row = pid // H
     bi = row // S_Q
     si = row - bi * S_Q
     sp = tl.arange(0, SPLITS_P)
-    smask = sp < num_splits
-    part = row.to(tl.int64) * num_splits + sp
-    lse_s = tl.load(lse_part_ptr + part * H + head, mask=smask, other=float("-inf"))
+    part0 = row.to(tl.int64) * num_splits
+    lse_s = tl.load(lse_part_ptr + (part0 + sp) * H + head, mask=sp < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse_s - m_use)  # 0 for empty splits and padding
-    tot = tl.sum(w, 0)
+    tot = tl.sum(tl.exp2(lse_s - m_use), 0)  # 0 for empty splits and padding
     cols = tl.arange(0, DP)
     cmask = cols < D
-    o_s = tl.load(
-        o_part_ptr + (part[:, None] * H + head) * D + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0
-    )
-    o = tl.sum(o_s * w[:, None], 0)
+    o = tl.zeros([DP], tl.float32)
+    for c in range(0, num_splits, CHUNK):
+        spc = c + tl.arange(0, CHUNK)
+        smask = spc < num_splits
+        w = tl.exp2(tl.load(lse_part_ptr + (part0 + spc) * H + head, mask=smask, other=float("-inf")) - m_use)
+        o_s = tl.load(
+            o_part_ptr + ((part0 + spc)[:, None] * H + head) * D + cols[None, :],
+            mask=smask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        o += tl.sum(o_s * w[:, None], 0)
     o = tl.where(tot == 0.0, 0.0, o / tot)
     lse2 = m_use + tl.log2(tot)
     if HAS_SINK:
@@ -364,7 +373,9 @@ def default_num_splits(rows: int, h: int, k_total_tiles: int, device: torch.devi
     # one program per SM at these tile sizes (~130 KB shared memory): more splits than fit in one wave
     # cost a second wave (measured on the H100: b=32 with 4 splits 37 us, with 5 splits 49 us)
     programs = rows * triton.cdiv(h, _block_h(h))
-    return max(1, min(k_total_tiles, sms // programs))
+    # long lists (a 1M-token HCA row has 130 tiles): at least 4 tiles a split beyond 16 splits, so the
+    # fp32 partials (h x d x 4 bytes a split, 128 KB at h=64) stay below the ~37 KB x tiles of cache read
+    return max(1, min(k_total_tiles, sms // programs, max(16, k_total_tiles // 4)))
 
 
 def _geometry(nope: int, rope: int, tile: int) -> tuple[int, int, int, int, int]:
@@ -499,6 +510,7 @@ def sparse_attn(
             D=d,
             DP=triton.next_power_of_2(d),
             SPLITS_P=max(2, triton.next_power_of_2(splits)),
+            CHUNK=4,
             HAS_SINK=sink is not None,
             num_warps=4,
         )
