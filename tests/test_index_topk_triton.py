@@ -218,6 +218,24 @@ def test_select_topk_ties_and_configs(block, radix_bits, device, monkeypatch):
     assert torch.equal(got[0].sort(-1).values, ei.sort(-1).values)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("chunk,radix_bits", [(256, 8), (512, 11)])
+def test_select_topk_split_rows(chunk, radix_bits, ties, device, monkeypatch):
+    """Rows cut into (row, chunk) programs: the same slots in the same order as one program per row
+    (deterministic prefix-sum placement), trivial rows and -1 padding included, width > n as well."""
+    dev = _dev(device)
+    monkeypatch.setitem(tri.TOPK_CONFIG, "radix_bits", radix_bits)
+    visible = [0, 5, 64, 65, 700, 1500, 3000, 2999]
+    logits, vis, pt, treq = _topk_case(visible, 64, 32, seed=chunk + ties, device=dev, n=3008, ties=ties)
+    monkeypatch.setitem(tri.TOPK_CONFIG, "split", 0)
+    one = tri.select_topk(logits, vis, 64, 96, pt, treq, 32)
+    monkeypatch.setitem(tri.TOPK_CONFIG, "split", 1)
+    monkeypatch.setitem(tri.TOPK_CONFIG, "chunk", chunk)
+    got = tri.select_topk(logits, vis, 64, 96, pt, treq, 32)
+    check_topk(logits, vis, 64, 96, pt, treq, 32, got)
+    assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+
+
 def test_select_topk_negative_and_equal_rows(device):
     """Negative logits, zeros and a row of identical values (radix select on sign bits and full ties)."""
     dev = _dev(device)
@@ -317,6 +335,27 @@ def test_gpu_v4_sizes(t, keys, topk):
     check_logits(c, width, logits, rows=4)
     got = tri.select_topk(logits, c["visible"], topk, topk, c["page_table"], c["token_request"], 64)
     check_topk(logits, c["visible"], topk, topk, c["page_table"], c["token_request"], 64, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 8, 128])
+def test_gpu_topk_long_rows(t, monkeypatch):
+    """256k-entry rows (a 1M-token context): the split path against the reference and, bit for bit, against
+    the one-program path."""
+    g = torch.Generator().manual_seed(t)
+    n = 262144
+    vis = (n - torch.randint(0, 3000, (t,), generator=g)).to(torch.int32)
+    vis[0] = n
+    logits = (torch.randn(t, n, generator=g) * 4).masked_fill(torch.arange(n) >= vis.view(-1, 1), float("-inf"))
+    logits, vis = logits.cuda(), vis.cuda()
+    pt = torch.randperm(t * n // 64, generator=g).to(torch.int32).view(t, n // 64).cuda()
+    treq = torch.arange(t, dtype=torch.int32, device="cuda")
+    monkeypatch.setitem(tri.TOPK_CONFIG, "split", 1)
+    got = tri.select_topk(logits, vis, 512, 512, pt, treq, 64)
+    check_topk(logits, vis, 512, 512, pt, treq, 64, got)
+    monkeypatch.setitem(tri.TOPK_CONFIG, "split", 0)
+    one = tri.select_topk(logits, vis, 512, 512, pt, treq, 64)
+    assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
 
 
 @pytest.mark.gpu

@@ -48,7 +48,8 @@ LOGITS_CONFIG: dict[str, int] = {
     "imprecise_acc": 0,
 }
 # block: entries per chunk of a pass (0: 8192, the best measured on the H100 at 16k and 64k columns)
-TOPK_CONFIG: dict[str, int] = {"block": 0, "radix_bits": 8, "num_warps": 16}
+# split: -1 auto (rows longer than 16384 entries), 0 one program per row, 1 (row, chunk) programs of `chunk` entries
+TOPK_CONFIG: dict[str, int] = {"block": 0, "radix_bits": 8, "num_warps": 16, "split": -1, "chunk": 4096}
 
 
 def _pow2(n: int, floor: int) -> int:
@@ -279,6 +280,14 @@ def _radix_round(
         # non-matching lanes were counted in bin 0: take them out again
         miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
         hist += h - tl.where(bins == 0, miss, 0)
+    return _pick_digit(hist, prefix, k_rem, BITS)
+
+
+@triton.jit
+def _pick_digit(hist, prefix, k_rem, BITS: tl.constexpr):
+    """From a round's digit histogram: the digit of the k_rem-th largest key, appended to `prefix`,
+    and k_rem minus the keys with a larger digit."""
+    bins = tl.arange(0, 1 << BITS)
     total = tl.sum(hist, axis=0)
     gt = total - tl.cumsum(hist, axis=0)  # keys with digit > b
     ge = gt + hist  # keys with digit >= b (non-increasing in b)
@@ -372,6 +381,150 @@ def _topk_kernel(
             cnt_eq += tl.sum(ei, axis=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Top-k of long rows: the same radix select, each row cut into chunks that run as separate programs
+# ---------------------------------------------------------------------------------------------
+# One program per row reads its row 5 times (4 histogram rounds + the compaction): at 256k keys (a 1M-token
+# context) that is ~0.9 ms whatever the batch. The split path runs every pass over (row, chunk)
+# programs: round r adds each chunk's digit histogram into `hist[row, r]` (integer atomics: the sums,
+# hence the threshold, are deterministic); a count pass stores each chunk's numbers of keys above and
+# equal to the threshold; the write pass places each chunk's keys at the exclusive prefix sums of the
+# counts of the chunks before it. Output order and content are identical to the one-program path (keys
+# above the threshold in index order, then the first k_rem equal ones), so both are deterministic.
+
+
+@triton.jit
+def _replay_rounds(hist_row, k, NR: tl.constexpr, NB: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr,
+                   B2: tl.constexpr, B3: tl.constexpr):  # fmt: skip
+    """(prefix, k_rem) after the first NR rounds, from their histograms `hist_row[r * NB + digit]`."""
+    prefix = tl.zeros((), dtype=tl.uint32)
+    k_rem = k
+    if NR > 0:
+        prefix, k_rem = _pick_digit(tl.load(hist_row + tl.arange(0, 1 << B0)), prefix, k_rem, B0)
+    if NR > 1:
+        prefix, k_rem = _pick_digit(tl.load(hist_row + NB + tl.arange(0, 1 << B1)), prefix, k_rem, B1)
+    if NR > 2 and B2 > 0:
+        prefix, k_rem = _pick_digit(tl.load(hist_row + 2 * NB + tl.arange(0, 1 << B2)), prefix, k_rem, B2)
+    if NR > 3 and B3 > 0:
+        prefix, k_rem = _pick_digit(tl.load(hist_row + 3 * NB + tl.arange(0, 1 << B3)), prefix, k_rem, B3)
+    return prefix, k_rem
+
+
+@triton.jit
+def _topk_split_hist_kernel(
+    logits_ptr, vis_ptr, hist_ptr, n_cols, topk,
+    ROUND: tl.constexpr, HI_SHIFT: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, NB: tl.constexpr,
+    CHUNK: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    vis = tl.load(vis_ptr + row)
+    n = tl.minimum(vis, n_cols)
+    j0 = chunk * CHUNK
+    if (vis > topk) & (j0 < n):
+        hist_row = hist_ptr + row.to(tl.int64) * (4 * NB)
+        prefix, _ = _replay_rounds(hist_row, topk, ROUND, NB, B0, B1, B2, B3)
+        j = j0 + tl.arange(0, CHUNK)
+        valid = j < n
+        key = _order_key(tl.load(logits_ptr + row.to(tl.int64) * n_cols + j, mask=valid, other=0.0))
+        if HI_SHIFT < 32:
+            match = valid & ((key >> HI_SHIFT) == prefix)
+        else:
+            match = valid
+        digit = tl.where(match, (key >> SHIFT) & ((1 << BITS) - 1), 0).to(tl.int32)
+        bins = tl.arange(0, 1 << BITS)
+        miss = CHUNK - tl.sum(match.to(tl.int32), axis=0)
+        h = tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, miss, 0)
+        tl.atomic_add(hist_row + ROUND * NB + bins, h, mask=h > 0, sem="relaxed")
+
+
+@triton.jit
+def _topk_split_count_kernel(
+    logits_ptr, vis_ptr, hist_ptr, counts_ptr, n_cols, topk, n_chunks,
+    NB: tl.constexpr, CHUNK: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    vis = tl.load(vis_ptr + row)
+    n = tl.minimum(vis, n_cols)
+    j0 = chunk * CHUNK
+    if (vis > topk) & (j0 < n):
+        thr, _ = _replay_rounds(hist_ptr + row.to(tl.int64) * (4 * NB), topk, 4, NB, B0, B1, B2, B3)
+        j = j0 + tl.arange(0, CHUNK)
+        valid = j < n
+        key = _order_key(tl.load(logits_ptr + row.to(tl.int64) * n_cols + j, mask=valid, other=0.0))
+        c = counts_ptr + (row.to(tl.int64) * n_chunks + chunk) * 2
+        tl.store(c, tl.sum((valid & (key > thr)).to(tl.int32), axis=0))
+        tl.store(c + 1, tl.sum((valid & (key == thr)).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _topk_split_write_kernel(
+    logits_ptr, vis_ptr, hist_ptr, counts_ptr, pt_ptr, treq_ptr, out_ptr, lens_ptr,
+    n_cols, width, max_blocks, topk, n_chunks,
+    PAGE: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_P: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    vis = tl.load(vis_ptr + row)
+    lens = tl.minimum(vis, topk)
+    n = tl.minimum(vis, n_cols)
+    req = tl.load(treq_ptr + row).to(tl.int64)
+    pt_row = pt_ptr + req * max_blocks
+    out_row = out_ptr + row.to(tl.int64) * width
+    j = chunk * CHUNK + tl.arange(0, CHUNK)
+    if chunk == 0:
+        tl.store(lens_ptr + row, lens)
+    # output positions [chunk * CHUNK, +CHUNK): -1 past lens; in-order entries for rows with vis <= topk
+    n_first = tl.where(vis <= topk, lens, 0)
+    first = j < n_first
+    page = tl.load(pt_row + j // PAGE, mask=first, other=0)
+    tl.store(out_row + j, tl.where(first, page * PAGE + j % PAGE, -1), mask=(j < width) & (first | (j >= lens)))
+    if (vis > topk) & (chunk * CHUNK < n):
+        thr, k_rem = _replay_rounds(hist_ptr + row.to(tl.int64) * (4 * NB), topk, 4, NB, B0, B1, B2, B3)
+        cc = tl.arange(0, CHUNKS_P)
+        before = cc < chunk
+        c_row = counts_ptr + row.to(tl.int64) * n_chunks * 2
+        base_gt = tl.sum(tl.load(c_row + cc * 2, mask=before, other=0), axis=0)
+        base_eq = tl.sum(tl.load(c_row + cc * 2 + 1, mask=before, other=0), axis=0)
+        valid = j < n
+        key = _order_key(tl.load(logits_ptr + row.to(tl.int64) * n_cols + j, mask=valid, other=0.0))
+        is_gt = valid & (key > thr)
+        is_eq = valid & (key == thr)
+        pos_gt = base_gt + tl.cumsum(is_gt.to(tl.int32), axis=0) - 1
+        pos_eq = (topk - k_rem) + base_eq + tl.cumsum(is_eq.to(tl.int32), axis=0) - 1
+        sel = is_gt | (is_eq & (pos_eq < topk))
+        pos = tl.where(is_gt, pos_gt, pos_eq)
+        page = tl.load(pt_row + j // PAGE, mask=sel, other=0)
+        tl.store(out_row + pos, page * PAGE + j % PAGE, mask=sel)
+
+
+def _topk_split(logits, visible, page_table, token_request, out, lens, topk, width, page_size, bits, chunk):
+    t, n_cols = logits.shape
+    n_chunks = triton.cdiv(max(n_cols, width), chunk)
+    nb = 1 << max(bits)
+    hist = torch.zeros((t, 4, nb), dtype=torch.int32, device=logits.device)
+    counts = torch.empty((t, n_chunks, 2), dtype=torch.int32, device=logits.device)
+    grid = (t, n_chunks)
+    consts = dict(NB=nb, CHUNK=chunk, B0=bits[0], B1=bits[1], B2=bits[2], B3=bits[3])
+    hi = 32
+    for r, b in enumerate(bits):
+        if b == 0:
+            break
+        torch.library.wrap_triton(_topk_split_hist_kernel)[grid](
+            logits, visible, hist, n_cols, topk, ROUND=r, HI_SHIFT=hi, SHIFT=hi - b, BITS=b, **consts, num_warps=8
+        )
+        hi -= b
+    torch.library.wrap_triton(_topk_split_count_kernel)[grid](
+        logits, visible, hist, counts, n_cols, topk, n_chunks, **consts, num_warps=8
+    )
+    torch.library.wrap_triton(_topk_split_write_kernel)[grid](
+        logits, visible, hist, counts, page_table, token_request, out, lens, n_cols, width, page_table.shape[1],
+        topk, n_chunks, PAGE=page_size, CHUNKS_P=max(2, triton.next_power_of_2(n_chunks)), **consts, num_warps=8,
+    )  # fmt: skip
+
+
 @torch.library.triton_op("dsv4fn::indexer_topk", mutates_args=())
 def indexer_topk(
     logits: Tensor,
@@ -390,6 +543,12 @@ def indexer_topk(
         return out, lens
     cfg = TOPK_CONFIG
     bits = _radix_rounds(cfg["radix_bits"])
+    split = cfg["split"]
+    if split < 0:  # auto: long rows (a wave of one-program rows would read each row 5 times alone)
+        split = int(n_cols > 16384)
+    if split:
+        _topk_split(logits, visible, page_table, token_request, out, lens, topk, width, page_size, bits, cfg["chunk"])
+        return out, lens
     torch.library.wrap_triton(_topk_kernel)[(t,)](
         logits,
         visible,
