@@ -208,3 +208,89 @@ def consume(name: str, state: Any) -> None:
     if state in _donated:
         raise ValueError(f"{name}: this state was donated to an earlier step; use the state that step returned")
     _donated.add(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks the issue asks for that the steps do not call yet (helpers; the call sites are listed in each
+# docstring — wiring them in is a one-line change per step)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_page_layout(name: str, data: Any, *, page_bytes: int, align: int) -> torch.Tensor:
+    """Tier 1: a paged cache's byte tensor `data` is uint8 `[n_pages, page_bytes]` whose pages start on
+    `align`-byte boundaries (storage offset and page stride multiples of `align`), with unit stride inside
+    a page and pages that do not overlap. `align`: 8 for MODEL1 pages (the Triton attention reads 8-byte
+    words; the TileLang kernels and the Triton store need 2), 4 for indexer pages (fp32 scales).
+
+    Call sites: `attend._check_cache` (cache, extra_cache; align 8), `formats.store_kv` (align 8),
+    `formats.store_index_keys` and `index_topk._check` (align 4)."""
+    check_tensor(name, data, dtype=torch.uint8, ndim=2, shape=(None, page_bytes))
+    if data.shape[1] > 1 and data.stride(1) != 1:
+        raise ValueError(f"{name}: expected unit stride inside a page, got strides {data.stride()}")
+    if data.shape[0] > 1 and data.stride(0) < page_bytes:
+        raise ValueError(f"{name}: pages overlap: page stride {data.stride(0)} < page_bytes {page_bytes}")
+    if data.shape[0] > 1 and data.stride(0) % align:
+        raise ValueError(f"{name}: expected a page stride that is a multiple of {align} bytes, got {data.stride(0)}")
+    off = data.storage_offset()
+    if off % align:
+        raise ValueError(f"{name}: expected the first page at a multiple of {align} bytes, got storage offset {off}")
+    return data
+
+
+def validate_capacity(name: str, lens: torch.Tensor, page_table: torch.Tensor, page_size: int) -> None:
+    """Tier 3: every length fits in the pages a row of `page_table` can address
+    (`page_table.shape[1] * page_size` entries); the kernels would clamp to the last page instead.
+
+    Call sites: `index_topk._check` (`meta.csa.visible` against `meta.page_table`), `compat.deep_gemm.
+    fp8_paged_mqa_logits` (`context_lens` against `block_table`)."""
+    if not validating() or lens.numel() == 0:
+        return
+    cap = page_table.shape[1] * page_size
+    over = lens > cap
+    if bool(over.any()):
+        i = over.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name}: value {lens[tuple(i)].item()} at {i} exceeds the page table's capacity {cap} "
+            f"({page_table.shape[1]} pages of {page_size})"
+        )
+    validate_range(name, lens, 0, cap + 1)
+
+
+# compressor-state tensor id -> {state slot: position where the slot's last step ended}
+_positions: dict[int, dict[int, int]] = {}
+
+
+def validate_positions(
+    name: str, state_key: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor, extend_lens: torch.Tensor
+) -> None:
+    """Tier 3: positions never go backwards (nor skip ahead) on a compressor-state slot.
+
+    A step for request b on state slot `slots[b]` must start (`prefix_lens[b]`) where the previous step
+    on that slot ended (`prefix_lens + extend_lens` of that step); `prefix_lens[b] == 0` starts a new
+    request on the slot. Slots must be distinct within a step. The record is kept per state tensor
+    (`state_key`, e.g. `state.kv`, which the compress step hands on from step to step) and dropped with it.
+    A rolled-back step (speculative decoding) must restore the state and start the slot again from 0.
+
+    Call site: `compress.compress`, before the backend runs:
+    `validate_positions("meta.prefix_lens", state.kv, meta.state_slots, meta.prefix_lens, meta.extend_lens)`."""
+    if not validating():
+        return
+    s, p, e = slots.tolist(), prefix_lens.tolist(), extend_lens.tolist()
+    if len(set(s)) != len(s):
+        dup = next(x for x in s if s.count(x) > 1)
+        raise ValueError(f"{name}: state slot {dup} is used by more than one request of the step")
+    key = id(state_key)
+    ends = _positions.get(key)
+    if ends is None:
+        ends = _positions[key] = {}
+        weakref.finalize(state_key, _positions.pop, key, None)
+    for b, (slot, start) in enumerate(zip(s, p, strict=True)):
+        last = ends.get(slot)
+        if start != 0 and last is not None and start != last:
+            how = "goes backwards" if start < last else "skips ahead"
+            raise ValueError(
+                f"{name}: request {b} (state slot {slot}) starts at position {start} but the slot's last step "
+                f"ended at {last}: the position {how} (prefix_lens 0 starts a new request on the slot)"
+            )
+    for slot, start, n in zip(s, p, e, strict=True):
+        ends[slot] = start + n

@@ -5,7 +5,15 @@ from jaxtyping import BFloat16, Float32, Int32
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, contract, require, validate_range, validating
+from .._contracts import (
+    check_page_layout,
+    check_same_device,
+    check_tensor,
+    contract,
+    require,
+    validate_range,
+    validating,
+)
 from ..state import PagedKVCache
 from .reference import sparse_attention
 
@@ -14,8 +22,8 @@ _backend.register("attend", "torch")(sparse_attention)
 
 def _check_cache(name: str, cache: PagedKVCache, d: int) -> None:
     require(isinstance(cache, PagedKVCache), f"{name}: expected a PagedKVCache, got {type(cache).__name__}", TypeError)
-    check_tensor(f"{name}.data", cache.data, dtype=torch.uint8, ndim=2, shape=(None, cache.page_bytes))
-    require(cache.data.stride(1) == 1, f"{name}.data: expected unit stride in the last dim, got {cache.data.stride()}")
+    # pages on 8-byte boundaries: the kernels read 8-byte words and bf16 rope values from the page bytes
+    check_page_layout(f"{name}.data", cache.data, page_bytes=cache.page_bytes, align=8)
     require(cache.head_dim == d, f"{name}: head dim {cache.head_dim} != q head dim {d}")
 
 

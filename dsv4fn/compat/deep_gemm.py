@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, require
+from .._contracts import check_same_device, check_tensor, require, validate_capacity, validate_range, validating
 from ..state import IndexerKeyCache
 
 
@@ -59,6 +59,9 @@ def fp8_paged_mqa_logits(
     else:
         check_tensor("context_lens", context_lens, shape=(b, next_n))
         lens = context_lens
+    if validating():
+        validate_range("block_table", block_table, 0, nb, allow=-1)
+        validate_capacity("context_lens", lens, block_table, page)
     visible = lens.clamp(0, max_context_len).reshape(-1).to(torch.int32).contiguous()
     cache = IndexerKeyCache(data=kv_cache.view(nb, page * (d + 4)), page_size=page, dim=d)
     req = torch.arange(b, device=dev, dtype=torch.int32).repeat_interleave(next_n)

@@ -5,7 +5,7 @@ from jaxtyping import BFloat16, Float32
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, consume, contract, require
+from .._contracts import check_same_device, check_tensor, consume, contract, require, validate_positions
 from .._pytree import pytree_dataclass, static
 from ..formats import store_index_keys, store_kv
 from ..norm_rope.reference import hadamard
@@ -81,6 +81,7 @@ def compress(
     else:
         require(isinstance(cache, PagedKVCache), "cache: the attention compressor writes a PagedKVCache", TypeError)
     consume("compress(state)", state)
+    validate_positions("meta.prefix_lens", state.kv, meta.state_slots, meta.prefix_lens, meta.extend_lens)
     _, fn = _backend.resolve("compress", backend, x.device)
     new_state, entries, _ = fn(params.wkv, params.wgate, params.ape, params.norm, state, x, meta, freqs, eps)
     assert entries.shape[0] == t

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, validate_range, validating
+from .._contracts import check_page_layout, check_same_device, check_tensor, validate_range, validating
 from ..state import IndexerKeyCache, PagedKVCache
 from . import indexer_fp8, model1
 
@@ -19,6 +19,7 @@ def store_kv(cache: PagedKVCache, x: Tensor, loc: Tensor, *, backend: str | None
     """FP8-quantize bf16 rows `x [n, d]` into the MODEL1 cache at slots `loc [n]` (−1 skipped). Donates."""
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(None, cache.head_dim), last_dim_contiguous=True)
     check_tensor("loc", loc, dtype=torch.int32, shape=(x.shape[0],))
+    check_page_layout("cache.data", cache.data, page_bytes=cache.page_bytes, align=8)
     check_same_device(x=x, loc=loc, cache=cache.data)
     if validating():
         validate_range("loc", loc, 0, cache.num_slots, allow=-1)
@@ -30,6 +31,7 @@ def store_index_keys(cache: IndexerKeyCache, k: Tensor, loc: Tensor, *, backend:
     """FP8-quantize keys `k [n, dim]` (per-key fp32 scale) into the indexer cache at `loc`. Donates."""
     check_tensor("k", k, dtype=(torch.bfloat16, torch.float32), ndim=2, shape=(None, cache.dim))
     check_tensor("loc", loc, dtype=torch.int32, shape=(k.shape[0],))
+    check_page_layout("cache.data", cache.data, page_bytes=cache.page_size * (cache.dim + 4), align=4)
     check_same_device(k=k, loc=loc, cache=cache.data)
     if validating():
         validate_range("loc", loc, 0, cache.num_slots, allow=-1)

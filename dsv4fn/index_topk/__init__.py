@@ -4,7 +4,15 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, require, validate_range, validating
+from .._contracts import (
+    check_page_layout,
+    check_same_device,
+    check_tensor,
+    require,
+    validate_capacity,
+    validate_range,
+    validating,
+)
 from ..state import CompressedStreamMeta, DSV4AttnMetadata, IndexerKeyCache
 from .reference import key_slots, paged_logits, prepare_query, select_topk
 
@@ -34,7 +42,7 @@ def _check(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMe
     require(
         isinstance(cache, IndexerKeyCache), f"cache: expected IndexerKeyCache, got {type(cache).__name__}", TypeError
     )
-    check_tensor("cache.data", cache.data, dtype=torch.uint8, ndim=2, shape=(None, cache.page_size * (cache.dim + 4)))
+    check_page_layout("cache.data", cache.data, page_bytes=cache.page_size * (cache.dim + 4), align=4)
     require(
         cache.page_size == meta.csa.page_size,
         f"cache.page_size: expected {meta.csa.page_size} (block_size / ratio), got {cache.page_size}",
@@ -42,6 +50,7 @@ def _check(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMe
     check_same_device(q8=q8, weights=weights, cache=cache.data, page_table=meta.page_table)
     if validating():
         validate_range("page_table", meta.page_table, 0, cache.num_pages, allow=-1)
+        validate_capacity("meta.csa.visible", meta.csa.visible, meta.page_table, cache.page_size)
     return meta.csa
 
 
