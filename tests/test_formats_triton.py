@@ -118,7 +118,9 @@ def test_e4m3_encoder_matches_torch(device):
     rnd_bits = torch.randint(100 << 23, 136 << 23, (1 << 18,), generator=gen, dtype=torch.int64).to(torch.int32)
     rnd = rnd_bits.view(torch.float32) * torch.where(torch.rand(1 << 18, generator=gen) < 0.5, -1.0, 1.0)
     v = torch.cat([every_bf16, near, rnd]).contiguous()
-    expect = v.to(torch.float8_e4m3fn).view(torch.uint8)
+    # the encoder saturates |v| > 448 to +-448 (the quantizer never exceeds 448 anyway); torch's own cast of
+    # out-of-range values changed between versions (2.11: NaN above 464, 2.13: +-448), so saturate first
+    expect = v.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
     out = torch.empty(v.numel(), dtype=torch.uint8, device=device)
     block = 1 << 16 if device == "cpu" else 1024
     _encode_kernel[(triton.cdiv(v.numel(), block),)](v.to(device), out, v.numel(), BLOCK=block)
