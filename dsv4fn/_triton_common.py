@@ -1,7 +1,10 @@
 """Pieces every Triton kernel module shares: the interpreter switch and exact bf16 rounding."""
 
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import torch
 import triton
 import triton.language as tl
 
@@ -10,6 +13,27 @@ def interpreting() -> bool:
     """True under `TRITON_INTERPRET=1` (CPU CI): kernels then upcast bf16 after `tl.load` and avoid
     what the interpreter gets wrong (see NOTES.md). Read at import of each kernel module."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_op(name: str, *, mutates_args: Iterable[str] | str) -> Callable[[Callable[..., Any]], Any]:
+    """`torch.library.triton_op` that remembers the op's Python body, for `call_op`."""
+
+    def register(fn: Callable[..., Any]) -> Any:
+        op = torch.library.triton_op(name, fn, mutates_args=mutates_args)
+        op.eager_body = fn  # type: ignore[attr-defined]
+        return op
+
+    return register
+
+
+def call_op(op: Any, *args: Any) -> Any:
+    """Run a `dsv4fn::` Triton op: through the dispatcher while Dynamo traces (torch.compile, export: the
+    graph keeps the op), its Python body otherwise. The body launches the same kernels with the same
+    arguments; the dispatcher costs ~65 us of host time per call in eager mode (H200,
+    bench/results/h200/launch_dev.txt), which dominated small decode steps run without CUDA graphs."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return op.eager_body(*args)
 
 
 @triton.jit

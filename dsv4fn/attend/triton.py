@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import interpreting
+from .._triton_common import call_op, interpreting, triton_op
 from ..state import PagedKVCache
 
 # launch knobs of the adapter (bench/attend_dev.py sweeps them); read at call time. The defaults are the
@@ -399,7 +399,7 @@ def _geometry(nope: int, rope: int, tile: int) -> tuple[int, int, int, int, int]
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("dsv4fn::sparse_attn", mutates_args=())
+@triton_op("dsv4fn::sparse_attn", mutates_args=())
 def sparse_attn(
     q: Tensor,
     kv1: Tensor,
@@ -595,7 +595,8 @@ def sparse_attention_triton(
     if num_splits is None:
         tiles = triton.cdiv(indices.shape[-1], block_n) + triton.cdiv(k2, block_n)
         num_splits = default_num_splits(b * s_q, h, tiles, q.device)
-    return sparse_attn(
+    return call_op(
+        sparse_attn,
         q,
         cache.data,
         indices,

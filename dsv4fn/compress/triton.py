@@ -49,7 +49,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import f32_to_bf16_bits, interpreting
+from .._triton_common import call_op, f32_to_bf16_bits, interpreting, triton_op
 from ..state import DSV4AttnMetadata, KVAndScore
 
 if interpreting():
@@ -478,7 +478,7 @@ def _blocks(ratio: int, coff: int, dc: int) -> tuple[int, int, int, int]:
     return block_c, bh, block_r, block_w
 
 
-@torch.library.triton_op("dsv4fn::compress_windows", mutates_args=("state_kv", "state_score"))
+@triton_op("dsv4fn::compress_windows", mutates_args=("state_kv", "state_score"))
 def compress_windows(
     kv: Tensor,
     score: Tensor,
@@ -621,7 +621,8 @@ def compress_triton(
         raise ValueError(f"compress: all tensors must be on one device, got {sorted(str(d) for d in devs)}")
     kv = project(x, wkv)
     sc = project(x, wgate)
-    entries, has_entry = torch.ops.dsv4fn.compress_windows(
+    entries, has_entry = call_op(
+        compress_windows,
         kv,
         sc,
         ape.contiguous(),

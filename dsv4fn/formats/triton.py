@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._contracts import check_same_device
+from .._triton_common import call_op, triton_op
 from ..state import IndexerKeyCache, PagedKVCache
 
 
@@ -176,7 +177,7 @@ def _check_loc(loc: Tensor, n: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("dsv4fn::store_model1", mutates_args=("cache",))
+@triton_op("dsv4fn::store_model1", mutates_args=("cache",))
 def store_model1_op(
     cache: Tensor, x: Tensor, loc: Tensor, page_size: int, nope_dim: int, rope_dim: int, tile: int
 ) -> None:
@@ -208,7 +209,7 @@ def store_model1_op(
     )
 
 
-@torch.library.triton_op("dsv4fn::store_indexer_keys", mutates_args=("cache",))
+@triton_op("dsv4fn::store_indexer_keys", mutates_args=("cache",))
 def store_indexer_keys_op(cache: Tensor, k: Tensor, loc: Tensor, page_size: int, dim: int) -> None:
     """Quantize keys `k [n, dim]` (bf16 or fp32) into the indexer page bytes `cache [pages,
     page_size * (dim + 4)]` at slots `loc [n]` (< 0: skipped)."""
@@ -249,7 +250,7 @@ def store_model1(cache: PagedKVCache, x: Tensor, loc: Tensor) -> PagedKVCache:
     _check_rows("x", x, (torch.bfloat16,), cache.head_dim)
     _check_loc(loc, x.shape[0])
     check_same_device(x=x, loc=loc, cache=cache.data)
-    torch.ops.dsv4fn.store_model1(cache.data, x, loc, cache.page_size, cache.nope_dim, cache.rope_dim, tile)
+    call_op(store_model1_op, cache.data, x, loc, cache.page_size, cache.nope_dim, cache.rope_dim, tile)
     return PagedKVCache(
         data=cache.data, page_size=cache.page_size, nope_dim=cache.nope_dim, rope_dim=cache.rope_dim, tile=tile
     )
@@ -262,7 +263,7 @@ def store_indexer(cache: IndexerKeyCache, k: Tensor, loc: Tensor) -> IndexerKeyC
     _check_rows("k", k, (torch.bfloat16, torch.float32), cache.dim)
     _check_loc(loc, k.shape[0])
     check_same_device(k=k, loc=loc, cache=cache.data)
-    torch.ops.dsv4fn.store_indexer_keys(cache.data, k, loc, cache.page_size, cache.dim)
+    call_op(store_indexer_keys_op, cache.data, k, loc, cache.page_size, cache.dim)
     return IndexerKeyCache(data=cache.data, page_size=cache.page_size, dim=cache.dim)
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import interpreting
+from .._triton_common import call_op, interpreting, triton_op
 from ..state import IndexerKeyCache
 
 _INTERPRET = interpreting()
@@ -144,7 +144,7 @@ def _logits_iters(t: int, width: int, rows: int, iters_max: int, device: torch.d
     return iters
 
 
-@torch.library.triton_op("dsv4fn::indexer_paged_logits", mutates_args=())
+@triton_op("dsv4fn::indexer_paged_logits", mutates_args=())
 def indexer_paged_logits(
     q8: Tensor,
     weights: Tensor,
@@ -225,7 +225,8 @@ def paged_logits(
 ) -> Tensor:
     """Triton twin of `reference.paged_logits` (same arguments, same fp32 `[t, width]` output)."""
     _check_logits_args(q8, weights, cache, page_table, width)
-    return indexer_paged_logits(
+    return call_op(
+        indexer_paged_logits,
         q8,
         weights,
         cache.data,
@@ -525,7 +526,7 @@ def _topk_split(logits, visible, page_table, token_request, out, lens, topk, wid
     )  # fmt: skip
 
 
-@torch.library.triton_op("dsv4fn::indexer_topk", mutates_args=())
+@triton_op("dsv4fn::indexer_topk", mutates_args=())
 def indexer_topk(
     logits: Tensor,
     visible: Tensor,
@@ -587,7 +588,8 @@ def select_topk(
         raise ValueError(f"width: expected >= min(topk, n) = {min(topk, logits.shape[1])}, got {width}")
     if page_table.dtype != torch.int32 or page_table.ndim != 2 or not page_table.is_contiguous():
         raise TypeError(f"page_table: expected contiguous int32 [b, max_blocks], got {page_table.dtype}")
-    return indexer_topk(
+    return call_op(
+        indexer_topk,
         logits,
         visible.to(torch.int32),
         page_table,

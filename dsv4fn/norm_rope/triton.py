@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._contracts import check_same_device
-from .._triton_common import f32_to_bf16_bits, interpreting
+from .._triton_common import call_op, f32_to_bf16_bits, interpreting, triton_op
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # elements of one program's [rows, cols] block
@@ -252,7 +252,7 @@ def _launch(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("dsv4fn::rms_normalize", mutates_args=())
+@triton_op("dsv4fn::rms_normalize", mutates_args=())
 def rms_normalize_op(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """`x * rsqrt(mean(x^2) + eps) [* weight]` over the last dim; result in x.dtype."""
     x2 = _rows_view(x)
@@ -261,14 +261,14 @@ def rms_normalize_op(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return out
 
 
-@torch.library.triton_op("dsv4fn::rms_normalize_", mutates_args=("x",))
+@triton_op("dsv4fn::rms_normalize_", mutates_args=("x",))
 def rms_normalize_inplace_op(x: Tensor, weight: Tensor | None, eps: float) -> None:
     """In-place `rms_normalize`: x is overwritten with its normalized rows."""
     x2 = x.view(-1, x.shape[-1])
     _launch(x2, weight, None, None, 1, x2, eps, norm=True, rope=False, inverse=False)
 
 
-@torch.library.triton_op("dsv4fn::norm_rope", mutates_args=())
+@triton_op("dsv4fn::norm_rope", mutates_args=())
 def norm_rope_op(
     x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, out_dtype: torch.dtype | None
 ) -> Tensor:
@@ -280,7 +280,7 @@ def norm_rope_op(
     return out
 
 
-@torch.library.triton_op("dsv4fn::apply_rope", mutates_args=())
+@triton_op("dsv4fn::apply_rope", mutates_args=())
 def apply_rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     """RoPE of the last `2 * cos.shape[-1]` dims (inverse: conjugate); other dims copied."""
     x2 = _rows_view(x)
@@ -301,7 +301,7 @@ def rms_normalize(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) ->
     _check_x("x", x)
     _check_weight(weight, x.shape[-1])
     check_same_device(x=x, weight=weight)
-    return torch.ops.dsv4fn.rms_normalize(x, weight, float(eps))
+    return call_op(rms_normalize_op, x, weight, float(eps))
 
 
 def rms_normalize_(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
@@ -313,7 +313,7 @@ def rms_normalize_(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -
         x.view(-1, x.shape[-1])
     except RuntimeError as e:
         raise ValueError(f"x: leading dims must be viewable as rows for the in-place op, strides {x.stride()}") from e
-    torch.ops.dsv4fn.rms_normalize_(x, weight, float(eps))
+    call_op(rms_normalize_inplace_op, x, weight, float(eps))
     return x
 
 
@@ -328,7 +328,7 @@ def norm_rope(
     if out_dtype is not None and out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype: expected float32, bfloat16, float16 or None, got {out_dtype}")
     check_same_device(x=x, weight=weight, cos=cos, sin=sin)
-    return torch.ops.dsv4fn.norm_rope(x, weight, float(eps), cos, sin, out_dtype)
+    return call_op(norm_rope_op, x, weight, float(eps), cos, sin, out_dtype)
 
 
 @_backend.register("apply_rope", "triton")
@@ -337,7 +337,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, *, inverse: bool = False) ->
     _check_x("x", x)
     _check_cos_sin(x, cos, sin)
     check_same_device(x=x, cos=cos, sin=sin)
-    return torch.ops.dsv4fn.apply_rope(x, cos, sin, bool(inverse))
+    return call_op(apply_rope_op, x, cos, sin, bool(inverse))
 
 
 __all__ = ["apply_rope", "norm_rope", "rms_normalize", "rms_normalize_"]
