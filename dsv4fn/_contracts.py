@@ -231,7 +231,7 @@ def check_page_layout(name: str, data: Any, *, page_bytes: int, align: int) -> t
         raise ValueError(f"{name}: pages overlap: page stride {data.stride(0)} < page_bytes {page_bytes}")
     if data.shape[0] > 1 and data.stride(0) % align:
         raise ValueError(f"{name}: expected a page stride that is a multiple of {align} bytes, got {data.stride(0)}")
-    off = data.storage_offset()
+    off = 0 if torch.compiler.is_compiling() else data.storage_offset()  # Dynamo cannot trace it
     if off % align:
         raise ValueError(f"{name}: expected the first page at a multiple of {align} bytes, got storage offset {off}")
     return data

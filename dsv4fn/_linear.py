@@ -14,6 +14,14 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 
 
 def linear_fp32(x: Tensor, w: Tensor) -> Tensor:
-    """fp32 `[..., out]` from an fp32 GEMM (cuBLAS on GPU): the projection of the kernel paths, where
-    the fp64 reference GEMM would dominate a decode step."""
+    """fp32 `[..., out]` with fp32 accumulation: the projection of the kernel paths, where the fp64
+    reference GEMM would dominate a decode step. bf16/fp16 operands on CUDA run one GEMM on the tensor
+    cores with an fp32 output (`torch.mm(..., out_dtype=float32)`: exact products, fp32 sums, no fp32 copy
+    of the weights); otherwise an fp32 GEMM of the upcast operands (same precision, slower)."""
+    if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            out = torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32)
+            return out.view(*x.shape[:-1], w.shape[0])
+        except (RuntimeError, TypeError, NotImplementedError):  # torch without mm(out_dtype=)
+            pass
     return torch.nn.functional.linear(x.float(), w.float())

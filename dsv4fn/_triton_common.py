@@ -15,6 +15,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+try:  # torch >= 2.6 (the switch the registered op itself uses in eager mode)
+    from torch._library.triton import set_wrap_triton_enabled as _plain_launch
+except ImportError:  # pragma: no cover
+    _plain_launch = None
+
+
 def triton_op(name: str, *, mutates_args: Iterable[str] | str) -> Callable[[Callable[..., Any]], Any]:
     """`torch.library.triton_op` that remembers the op's Python body, for `call_op`."""
 
@@ -31,9 +37,10 @@ def call_op(op: Any, *args: Any) -> Any:
     graph keeps the op), its Python body otherwise. The body launches the same kernels with the same
     arguments; the dispatcher costs ~65 us of host time per call in eager mode (H200,
     bench/results/h200/launch_dev.txt), which dominated small decode steps run without CUDA graphs."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _plain_launch is None:
         return op(*args)
-    return op.eager_body(*args)
+    with _plain_launch(False):  # as the op's own eager backend does: `wrap_triton` launches the kernel directly
+        return op.eager_body(*args)
 
 
 @triton.jit

@@ -49,6 +49,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
+from .._linear import linear_fp32
 from .._triton_common import call_op, f32_to_bf16_bits, interpreting, triton_op
 from ..state import DSV4AttnMetadata, KVAndScore
 
@@ -546,21 +547,11 @@ def compress_windows(
 # Adapter with the reference's signature
 # ---------------------------------------------------------------------------------------------
 
-_mm_out_dtype: bool | None = None  # does torch.mm(..., out_dtype=float32) work on this device?
-
 
 def project(x: Tensor, w: Tensor) -> Tensor:
-    """fp32 `[t, out]` = x bf16 `[t, hidden]` · w bf16 `[out, hidden]`ᵀ with fp32 accumulation: a
-    bf16 GEMM with fp32 output on CUDA, an fp32 GEMM of the upcast operands elsewhere."""
-    global _mm_out_dtype
-    if x.device.type == "cuda" and _mm_out_dtype is not False:
-        try:
-            out = torch.mm(x, w.t(), out_dtype=torch.float32)
-            _mm_out_dtype = True
-            return out
-        except (RuntimeError, TypeError, NotImplementedError):
-            _mm_out_dtype = False
-    return torch.mm(x.float(), w.float().t())
+    """fp32 `[t, out]` = x bf16 `[t, hidden]` · w bf16 `[out, hidden]`ᵀ with fp32 accumulation
+    (`dsv4fn._linear.linear_fp32`: a bf16 GEMM with fp32 output on CUDA)."""
+    return linear_fp32(x, w)
 
 
 def _check(name: str, t: object, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
