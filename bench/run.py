@@ -253,6 +253,25 @@ def check_attention(expect: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.
 LOGITS_TOL = 2e-3
 
 
+def compare_fp32_gemm(name: str, expect: torch.Tensor, got: torch.Tensor, k: int) -> str | None:
+    """fp32 values that come from a k-term projection: the kernel paths accumulate it in fp32 (the reference
+    in fp64), so each value may be off by ~sqrt(k) fp32 roundings of the row's magnitude on top of the 1e-5
+    relative of the fp32 convention: |got - expect| <= 1e-5 |expect| + 8 sqrt(k) 2^-24 rms(expect)."""
+    fin = torch.isfinite(expect)
+    if not torch.equal(fin, torch.isfinite(got)) or not torch.equal(expect[~fin], got[~fin]):
+        return f"{name}: non-finite values differ"
+    e, g = expect[fin].double(), got[fin].double()
+    if e.numel() == 0:
+        return None
+    tol = 1e-5 * e.abs() + 8 * math.sqrt(k) * 2.0**-24 * e.square().mean().sqrt()
+    err = (g - e).abs()
+    bad = err > tol
+    if bool(bad.any()):
+        i = int((err - tol).argmax())
+        return f"{name}: {int(bad.sum())} values beyond the fp32-GEMM bound; worst {g[i].item()} vs {e[i].item()}"
+    return None
+
+
 def check_logits(
     expect: torch.Tensor, magnitude: torch.Tensor, got: torch.Tensor, visible: torch.Tensor, *, masked: bool
 ) -> Check:
@@ -571,8 +590,11 @@ def setup_compress(case: Case, dev: torch.device) -> Bench:
 
     def check(out: Any) -> Check:
         (es, ee, ec), (gs, ge, gc) = ref(), out
-        for name, a, b in (("entries", ee, ge), ("state.kv", es.kv, gs.kv), ("state.score", es.score, gs.score)):
-            r = _backend.compare_tensors(name, a, b)
+        r = _backend.compare_tensors("entries", ee, ge)
+        if r is not None:
+            return False, r
+        for name, a, b in (("state.kv", es.kv, gs.kv), ("state.score", es.score, gs.score)):
+            r = compare_fp32_gemm(name, a, b, cfg.hidden_size)
             if r is not None:
                 return False, r
         loc = stream.write_loc[stream.write_loc >= 0]
@@ -667,9 +689,7 @@ def check_csa_layer(expect: Any, got: Any, min_overlap: float = 0.95) -> Check:
     es, gs = ea.csa_indices.sort(dim=-1).values, ga.csa_indices.sort(dim=-1).values
     same = (es == gs).all(dim=-1)
     n, k = same.numel(), es.shape[-1]
-    if not bool(same.any()):
-        return False, "no token selects the reference's set"
-    r = rel_rms(eo[same], go[same])
+    r = rel_rms(eo[same], go[same]) if bool(same.any()) else 0.0  # no token to compare outputs on
     worst = 1.0
     for i in (~same).nonzero().flatten().tolist():
         sel_e = set(es[i][es[i] >= 0].tolist())
