@@ -48,7 +48,7 @@ LOGITS_CONFIG: dict[str, int] = {
     "imprecise_acc": 0,
 }
 # block: entries per chunk of a pass (0: 8192, the best measured on the H100 at 16k and 64k columns)
-# split: -1 auto (rows longer than a chunk, fewer than 64 rows), 0 one program per row, 1 (row, chunk) programs
+# split: -1 auto (rows longer than a chunk, at most 64 rows), 0 one program per row, 1 (row, chunk) programs
 TOPK_CONFIG: dict[str, int] = {"block": 0, "radix_bits": 8, "num_warps": 16, "split": -1, "chunk": 4096}
 
 
@@ -548,8 +548,8 @@ def indexer_topk(
     if split < 0:
         # auto: split rows longer than one chunk while rows alone do not fill the GPU (H200, k = 512,
         # bench/results/h200/topk_dev.txt: t = 1, 256k entries 913 -> 34 us; t = 32: 921 -> 262 us;
-        # from t = 128 one program per row is as fast or faster)
-        split = int(n_cols > cfg["chunk"] and t < 64)
+        # from t = 128 one program per row is as fast or faster; t = 64 is not measured)
+        split = int(n_cols > cfg["chunk"] and t <= 64)
     if split:
         _topk_split(logits, visible, page_table, token_request, out, lens, topk, width, page_size, bits, cfg["chunk"])
         return out, lens
