@@ -13,6 +13,17 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     return (x.double() @ w.double().T).float()
 
 
+def grouped_linear_fp32(x: Tensor, w: Tensor) -> Tensor:
+    """fp32 `[t, g, out]` = per group `x[:, g] · w[g]ᵀ` (x `[t, g, in]`, w `[g, out, in]`), fp32 accumulation;
+    on CUDA with bf16/fp16 operands one batched tensor-core GEMM with fp32 output, as `linear_fp32`."""
+    if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(x.transpose(0, 1), w.transpose(1, 2), out_dtype=torch.float32).transpose(0, 1)
+        except (RuntimeError, TypeError, NotImplementedError):  # torch without bmm(out_dtype=)
+            pass
+    return torch.einsum("tgk,gok->tgo", x.float(), w.float())
+
+
 def linear_fp32(x: Tensor, w: Tensor) -> Tensor:
     """fp32 `[..., out]` with fp32 accumulation: the projection of the kernel paths, where the fp64
     reference GEMM would dominate a decode step. bf16/fp16 operands on CUDA run one GEMM on the tensor

@@ -7,7 +7,7 @@ from jaxtyping import BFloat16, Float32
 from torch import Tensor
 
 from . import _backend
-from ._linear import linear, linear_fp32
+from ._linear import grouped_linear_fp32, linear, linear_fp32
 from ._pytree import pytree_dataclass, static
 from .attend import attend
 from .compress import CompressorParams, compress
@@ -206,7 +206,9 @@ def attention_layer(
     # 7-8. inverse RoPE, grouped output projection
     o = apply_rope(o.view(t, h, d), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
     g = cfg.o_groups
-    acc = torch.float32 if kernel_path else torch.float64
-    u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).to(acc), params.wo_a.to(acc)).float().to(torch.bfloat16)
+    if kernel_path:
+        u = grouped_linear_fp32(o.view(t, g, -1), params.wo_a).to(torch.bfloat16)
+    else:
+        u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).double(), params.wo_a.double()).float().to(torch.bfloat16)
     out = linear_(u.flatten(1), params.wo_b).to(torch.bfloat16)
     return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)

@@ -3,6 +3,7 @@
 All math in fp32 (Hadamard accumulates in fp64), one rounding to the output dtype at the end.
 """
 
+import functools
 import math
 
 import torch
@@ -73,8 +74,14 @@ def hadamard_matrix(n: int, device: torch.device | str = "cpu") -> Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_cached(n: int, device: torch.device) -> Tensor:
+    return hadamard_matrix(n, device)
+
+
 def hadamard(x: Tensor) -> Tensor:
-    """`x @ H * n^-0.5` over the last dim (fp64 accumulation), result in fp32."""
+    """`x @ H * n^-0.5` over the last dim (fp64 accumulation), result in fp32. The matrix is built once per
+    (size, device): a decode step would otherwise spend ~2 log2(n) small launches rebuilding it."""
     n = x.shape[-1]
-    h = hadamard_matrix(n, x.device)
+    h = hadamard_matrix(n, x.device) if torch.compiler.is_compiling() else _hadamard_cached(n, x.device)
     return (x.double() @ h * (1.0 / math.sqrt(n))).float()
