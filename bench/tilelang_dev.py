@@ -1,96 +1,172 @@
 # ruff: noqa: B023
-"""Dev timing of the TileLang kernels on one GPU (L2-flushed triton do_bench, median µs).
+"""Dev timing of the TileLang kernels on one GPU: old (legacy) vs new (warp-specialised) attention decode,
+indexer logits, logits + torch.topk and the fused indexer top-k. Every case is checked against the torch
+reference first (a FAIL is printed, the timing still runs). Times: CUDA-graph replay of the op, L2 flushed
+before every replay (256 MB write), median of `--reps` replays, in µs.
 
-Usage (repo root, GPU host): python bench/tilelang_dev.py
+Usage (repo root, GPU host; ~3-4 min on an H100 including the parallel compiles):
+    python bench/tilelang_dev.py                 # everything
+    python bench/tilelang_dev.py --only attn     # attention only (or: --only index)
 """
 
+import argparse
 import importlib
+import statistics
 import sys
+import time
 
 import torch
-from triton.testing import do_bench
 
 sys.path.insert(0, "tests")
 gpu_tests = importlib.import_module("test_tilelang_gpu")
+compat = importlib.import_module("dsv4fn._tilelang_compat")
 attn = importlib.import_module("dsv4fn.attend.tilelang")
 idx = importlib.import_module("dsv4fn.index_topk.tilelang")
 
+from dsv4fn import _backend  # noqa: E402
+from dsv4fn.attend.reference import sparse_attention as ref_attention  # noqa: E402
 
-def us(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-
-
-def diagnose() -> None:
-    """Where do kernel and reference disagree on non-finite values (split and direct paths)?"""
-    from dsv4fn import _backend
-    from dsv4fn.attend.reference import sparse_attention as ref
-
-    for poison in (True, False):
-        q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(32, 64, 128, 512, seed=96)
-        if not poison:
-            l1.fill_(128)
-            l2.fill_(512)
-            i1.copy_(torch.randint(0, 32 * 128, i1.shape, device="cuda", dtype=torch.int32))
-            i2.copy_(torch.randint(0, 32 * 1024, i2.shape, device="cuda", dtype=torch.int32))
-        kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=512**-0.5)
-        e = ref(q, c1, i1, l1, **kw)
-        for forced in (1, 5):
-            orig = attn.choose_splits
-            attn.choose_splits = lambda *a, f=forced: f
-            try:
-                g = attn.sparse_attention(q, c1, i1, l1, **kw)
-            finally:
-                attn.choose_splits = orig
-            bad = ~torch.isfinite(g[0].float())
-            rows = bad.any(-1).any(-1).any(-1).nonzero().view(-1).tolist()
-            print(
-                f"poison={poison} splits={forced}: non-finite o rows {rows[:10]} (lens1 {l1[rows[:5]].tolist()}, "
-                f"lens2 {l2[rows[:5]].tolist()}); compare: {_backend.default_compare(e, g)}"
-            )
+SCALE = 512**-0.5
+HBM = 3.0e12  # measured H100 copy rate, B/s
+PEERS_ATTN = {1: 12, 32: 23, 64: 47, 128: 47, 256: 93}  # FlashMLA DSV4 decode on this H100 (issue 6)
+PEERS_INDEX = {(32, 16384): 39, (32, 65536): 114}  # DeepGEMM fp8_paged_mqa_logits (issue 6)
+_flush = None
 
 
-def sweep_logits() -> None:
-    q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(32, 16384, seed=1)
-    vis.fill_(16384)
-    for tiling in ((2, 2), (4, 2), (4, 3), (8, 2), (8, 3), (16, 3)):
-        idx._LOGITS_TILING = tiling
-        t = us(lambda: idx.paged_logits(q8, w, cache, pt, req, vis, 16384))
-        print(f"  logits t=32 keys=16384 pages/program={tiling[0]} stages={tiling[1]}: {t:7.1f} us")
-    idx._LOGITS_TILING = (idx.PAGES_PER_PROGRAM, idx.STAGES)
+def graph_us(fn, reps: int) -> float:
+    """Median µs of replaying a CUDA graph of `fn()` with a cold L2 before each replay."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy init)
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends, strict=True):
+        _flush.zero_()
+        s.record()
+        g.replay()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
 
 
-def main() -> None:
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print("attention decode: 64 heads, d 512, window 128 + extra 512 (all valid), sink")
+def compile_all(do_attn: bool, do_index: bool) -> None:
+    jobs = []
+    if do_attn:
+        jobs += [lambda i=i, s=s: attn._kernels(i, 64, 448, 64, 64, 64, 64, SCALE, s) for i in ("ws", "legacy")
+                 for s in (False, True)]  # fmt: skip
+    if do_index:
+        jobs += [
+            lambda: idx._logits_kernel(64, 128, 64, *idx._LOGITS_TILING),
+            lambda: idx._chunk_topk_kernel(64, 128, 64, 512),
+            lambda: idx._topk_merge_kernel(512, 64),
+        ]
+    t0 = time.time()
+    compat.precompile(jobs)
+    print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s")
+
+
+def _attn_case(b: int):
+    q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, 64, 128, 512, seed=b)
+    l1.fill_(128)
+    l2.fill_(512)
+    i1.copy_(torch.randint(0, b * 128, i1.shape, device="cuda", dtype=torch.int32))
+    i2.copy_(torch.randint(0, b * 1024, i2.shape, device="cuda", dtype=torch.int32))
+    return q, c1, i1, l1, dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+
+
+def bench_attention(reps: int) -> None:
+    print("attention decode: 64 heads, d 512, window 128 + extra 512 (all valid), sink; graph replay, L2 flushed")
+    print(f"  {'b':>4} {'impl':>8} {'splits':>6} {'check':>5} {'us':>9} {'GB/s':>7} {'floor us':>9} {'FlashMLA':>9}")
     for b in (1, 32, 64, 128, 256):
-        q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, 64, 128, 512, seed=b)
-        l1.fill_(128)
-        l2.fill_(512)
-        i1.copy_(torch.randint(0, b * 128, i1.shape, device="cuda", dtype=torch.int32))
-        i2.copy_(torch.randint(0, b * 1024, i2.shape, device="cuda", dtype=torch.int32))
-        kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=512**-0.5)
-        splits = attn.choose_splits(b, 1, 64, 128, 512)
-        t = us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw))
-        byts = b * 640 * 584 + q.numel() * 4
-        print(f"  b={b:4d} splits={splits:2d}  {t:8.1f} us  {byts / t / 1e3:7.1f} GB/s")
-    print("indexer: 64 heads x 128, page 64")
+        q, c1, i1, l1, kw = _attn_case(b)
+        expect = ref_attention(q, c1, i1, l1, **kw)
+        byts = b * 640 * 584 + 2 * q.numel() * 2  # keys + q + o
+        variants = [("legacy", None), ("ws", None)] + ([("ws", 1), ("ws", 2)] if b == 64 else [])
+        for impl, force in variants:
+            attn.ATTN_IMPL, attn.FORCE_SPLITS = impl, force
+            try:
+                splits = attn.choose_splits(b, 1, 64, 128, 512, impl)
+                report = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
+                t = graph_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), reps)
+                print(
+                    f"  {b:4d} {impl + ('' if force is None else f'/{force}'):>8} {splits:6d} "
+                    f"{'ok' if report is None else 'FAIL':>5} {t:9.1f} {byts / t / 1e3:7.0f} "
+                    f"{byts / HBM * 1e6:9.1f} {PEERS_ATTN[b]:9d}"
+                )
+                if report is not None:
+                    print(f"        {report}")
+            except Exception as exc:  # keep timing the other variants
+                print(f"  {b:4d} {impl:>8} ERROR {type(exc).__name__}: {str(exc)[:200]}")
+            finally:
+                attn.ATTN_IMPL, attn.FORCE_SPLITS = "ws", None
+
+
+def bench_index(reps: int) -> None:
+    print("indexer: 64 heads x 128, page 64, all keys visible, top-512; graph replay, L2 flushed")
+    print(
+        f"  {'t':>4} {'keys':>6} {'check':>9} {'logits':>8} {'GB/s':>6} {'DeepGEMM':>8} {'topk':>7} "
+        f"{'lg+topk':>8} {'fused':>8} {'floor':>6}"
+    )
     for t_, n in ((32, 16384), (32, 65536), (128, 16384)):
         q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
         vis.fill_(n)
-        tl_ = us(lambda: idx.paged_logits(q8, w, cache, pt, req, vis, n))
+        checks = []
+        try:
+            expect = gpu_tests.ref_logits(q8, w, cache, pt, req, vis, n)
+            got = idx.paged_logits(q8, w, cache, pt, req, vis, n)
+            err = (expect - got).abs().amax(-1) / expect.abs().amax(-1)
+            checks.append("ok" if bool((err <= gpu_tests.FP8_MMA_RTOL).all()) else f"FAIL({err.max().item():.1e})")
+            del expect
+            g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=n)
+            try:
+                gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, 512, 512, g_idx, g_len)
+                checks.append("ok")
+            except AssertionError as exc:
+                checks.append("FAIL")
+                print(f"        fused top-k: {str(exc)[:200]}")
+        except Exception as exc:
+            checks.append("ERR")
+            print(f"        check: {type(exc).__name__}: {str(exc)[:200]}")
+        torch.cuda.empty_cache()
+        t_lg = graph_us(lambda: idx.paged_logits(q8, w, cache, pt, req, vis, n), reps)
         logits = idx.paged_logits(q8, w, cache, pt, req, vis, n)
-        tk = us(lambda: torch.topk(logits, 512, dim=-1))
-        tf = us(lambda: idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=n))
+        t_tk = graph_us(lambda: torch.topk(logits, 512, dim=-1), reps)
+        t_f = graph_us(lambda: idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=n), reps)
         byts = t_ * n * 132
+        peer = PEERS_INDEX.get((t_, n))
         print(
-            f"  t={t_:4d} keys={n:6d}  logits {tl_:8.1f} us ({byts / tl_ / 1e3:6.1f} GB/s)  torch.topk {tk:8.1f} us"
-            f"  logits+topk {tl_ + tk:8.1f} us  fused {tf:8.1f} us"
+            f"  {t_:4d} {n:6d} {'/'.join(checks):>9} {t_lg:8.1f} {byts / t_lg / 1e3:6.0f} "
+            f"{'-' if peer is None else peer:>8} {t_tk:7.1f} {t_lg + t_tk:8.1f} {t_f:8.1f} {byts / HBM * 1e6:6.1f}"
         )
+        logits = q8 = w = cache = None  # free before the next size
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=("attn", "index"), default=None)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    t0 = time.time()
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    do_attn, do_index = args.only in (None, "attn"), args.only in (None, "index")
+    compile_all(do_attn, do_index)
+    if do_attn:
+        bench_attention(args.reps)
+    if do_index:
+        bench_index(args.reps)
+    print(f"total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    if "--diagnose" in sys.argv:
-        diagnose()
-    if "--sweep" in sys.argv:
-        sweep_logits()
     main()

@@ -18,6 +18,19 @@ Workarounds (each has a test in tests/test_tilelang_lower.py or tests/test_tilel
   filled from torch through the DLPack exchange extension when that is present; without it (or with a
   stale entry) launches once went to the legacy default stream, which breaks stream ordering and makes
   CUDA-graph capture fail. `launch` pins the FFI stream to `torch.cuda.current_stream()` for the call.
+* `barrier_wait(bars, idx, parity)`: TileLang's `tl::mbarrier_wait` is an `asm volatile` spin loop *without*
+  a "memory" clobber, so nvcc may move ordinary shared-memory loads (flags, softmax scales written by
+  another warpgroup) above the wait. Hand-written warp-specialised kernels use this macro: the wait,
+  then an empty `asm volatile("" ::: "memory")` compiler fence (no instruction is emitted).
+* `named_sync(id, count)` + pass config `tl.disable_thread_storage_sync`: TileLang's automatic
+  shared-memory sync treats every `T.call_extern` as a possible shared-memory access. In a
+  warp-specialised kernel it then puts named barriers between an extern call and the next shared
+  store (inside the producer's unrolled loops), or fails to lower with "[ThreadSync] Cannot lower a
+  required shared-memory sync inside a divergent region". Such kernels turn the automatic pass off and
+  place every sync themselves: mbarriers between warpgroups, `named_sync` inside one.
+* `DEVICE_SRC` / `T.import_source`: TileLang pastes imported CUDA *before* its own `#include`s, so
+  helper device code may use only built-in types and inline PTX (no `__nv_bfloat162`, no cuda_fp8.h).
+  A kernel gets one `T.import_source` call: concatenate `DEVICE_SRC` with the kernel's own helpers.
 """
 
 import contextlib
@@ -34,9 +47,30 @@ except Exception as exc:  # pragma: no cover - exercised only without tilelang
 
 import torch
 
-__all__ = ["SM90A", "T", "jit", "launch", "lower_source", "sm90a_target", "tilelang"]
+__all__ = [
+    "DEVICE_SRC",
+    "SM90A",
+    "T",
+    "barrier_wait",
+    "jit",
+    "launch",
+    "lower_source",
+    "named_sync",
+    "precompile",
+    "sm90a_target",
+    "tilelang",
+]
 
 SM90A = {"kind": "cuda", "arch": "sm_90a"}
+
+DEVICE_SRC = r"""
+// dsv4fn/_tilelang_compat.py: compiler-only fence (orders memory accesses for nvcc, emits nothing)
+__device__ __forceinline__ void dsv4fn_compiler_fence() { asm volatile("" ::: "memory"); }
+// named barrier over `count` threads (a multiple of 32); ids 1..15 (0 is __syncthreads)
+__device__ __forceinline__ void dsv4fn_named_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" : : "r"(id), "r"(count) : "memory");
+}
+"""
 
 
 class _FreshOutIdxJIT(JITImpl):
@@ -64,6 +98,40 @@ def jit(func: Callable[..., Any] | None = None, *, out_idx: list[int] | int | No
 
 def _copy(out_idx: list[int] | int | None) -> list[int] | int | None:
     return list(out_idx) if isinstance(out_idx, list | tuple) else out_idx
+
+
+@T.macro
+def named_sync(barrier_id, count):
+    """`bar.sync barrier_id, count` (with a compiler fence); see module docstring."""
+    T.call_extern("handle", "dsv4fn_named_sync", barrier_id, count)
+
+
+@T.macro
+def barrier_wait(bars, idx, parity):
+    """`T.barrier_wait(bars[idx], parity)` followed by a compiler fence (see module docstring)."""
+    T.barrier_wait(bars[idx], parity)
+    T.call_extern("handle", "dsv4fn_compiler_fence")
+
+
+def precompile(thunks: list[Callable[[], Any]], workers: int = 8) -> list[Any]:
+    """Run kernel-building thunks (e.g. `lambda: _kernels(...)`) on a thread pool and return their results
+    in order. TileLang's lowering releases the GIL and nvcc runs as a subprocess, so a process that needs
+    several kernels (the GPU tests, the benchmark) compiles them side by side instead of one after another
+    (TileLang's own `par_compile` does the same)."""
+    import concurrent.futures
+
+    if not thunks:
+        return []
+
+    def attempt(f: Callable[[], Any]) -> tuple[bool, Any]:
+        try:
+            return True, f()
+        except Exception as exc:  # retried serially below (a thread-safety problem must not fail a run)
+            return False, exc
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(thunks)))) as pool:
+        done = list(pool.map(attempt, thunks))
+    return [value if ok else thunk() for (ok, value), thunk in zip(done, thunks, strict=True)]
 
 
 def sm90a_target() -> Any:

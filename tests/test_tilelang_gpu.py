@@ -1,5 +1,15 @@
-"""TileLang kernels on the GPU: numerics vs the torch reference at V4-Flash / V4-Pro sizes, CUDA-graph
-capture, the stream workaround, opcheck, and the fused indexer top-k vs the reference sets."""
+"""TileLang kernels on the GPU: numerics vs the torch reference at V4-Flash / V4-Pro sizes, exact
+dequantization, CUDA-graph capture, the stream workaround, opcheck, and the fused indexer top-k vs the
+reference sets.
+
+Compile budget (one cold device call): every kernel this file needs is compiled up front, side by side
+(`_tilelang_compat.precompile`), by the module fixture `_kernels_compiled`:
+  attention ws  : direct + split/combine for 64 heads (Flash) and 128 heads (Pro), direct for 8 heads
+  attention old : legacy split + combine, 64 heads (test_attention_exact_dequant[legacy] only: 16 rows of
+                  2 blocks take the split path in both kernels)
+  indexer       : logits; chunk top-k + merge for topk 512 and 1024
+  workaround    : two tiny kernels (test_out_idx_workaround_real_compile)
+All attention tests use page size 64 for both caches and scale 512**-0.5 so they share these kernels."""
 
 import importlib
 
@@ -17,18 +27,37 @@ from dsv4fn.state import IndexerKeyCache, PagedKVCache  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 FP8_MMA_RTOL = 1e-3  # see test_index_logits_matches_reference
+SCALE = 512**-0.5
 
+compat = importlib.import_module("dsv4fn._tilelang_compat")
 attn = importlib.import_module("dsv4fn.attend.tilelang")
 idx = importlib.import_module("dsv4fn.index_topk.tilelang")
 
 
-def _model1_cache(n_slots: int, page: int, gen: torch.Generator) -> PagedKVCache:
-    """Slots 0..n_slots-1 hold random tokens; one more page of slots holds NaN bytes (e4m3 0x7F,
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_compiled():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hs = [(h, s) for h in (64, 128) for s in (False, True)]
+    jobs = [lambda h=h, s=s: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, s) for h, s in hs]
+    jobs += [
+        lambda: attn._kernels("ws", 8, 448, 64, 64, 64, 64, SCALE, False),
+        lambda: attn._kernels("legacy", 64, 448, 64, 64, 64, 64, SCALE, True),
+        lambda: idx._logits_kernel(64, 128, 64, *idx._LOGITS_TILING),
+    ]
+    jobs += [lambda k=k: idx._chunk_topk_kernel(64, 128, 64, k) for k in (512, 1024)]
+    jobs += [lambda k=k: idx._topk_merge_kernel(k, 64) for k in (512, 1024)]
+    compat.precompile(jobs)
+
+
+def _model1_cache(n_slots: int, page: int, gen: torch.Generator, x: torch.Tensor | None = None) -> PagedKVCache:
+    """Slots 0..n_slots-1 hold random tokens (or `x`); one more page of slots holds NaN bytes (e4m3 0x7F,
     bf16 0x7F7F is finite but huge, e4m3 NaN is what matters) that must never leak into outputs."""
     pages = -(-n_slots // page) + 1
     cache = PagedKVCache.allocate(pages, page, device="cuda")
     cache.data.fill_(0x7F)
-    x = torch.randn(n_slots, 512, generator=gen, device="cuda") * 2
+    if x is None:
+        x = torch.randn(n_slots, 512, generator=gen, device="cuda") * 2
     return model1.store(cache, x.to(torch.bfloat16), torch.arange(n_slots, device="cuda", dtype=torch.int32))
 
 
@@ -46,6 +75,8 @@ def _attn_inputs(b: int, h: int, win: int, k2: int, seed: int, sink: bool = True
     if b > 1:
         l1[1], l2[1] = win, k2
         i2[1, 0, ::7] = -1  # holes inside the list
+    if b > 2:
+        l1[2], l2[2] = 1, 0  # a single key
     # columns past each row's length point at poisoned (NaN) slots
     i1 = torch.where(torch.arange(win, device="cuda") >= l1.view(b, 1, 1), n1 + 3, i1).to(torch.int32)
     i2 = torch.where(torch.arange(k2, device="cuda") >= l2.view(b, 1, 1), n2 + 5, i2).to(torch.int32)
@@ -61,21 +92,57 @@ def _check_attn(expect, got):
 @pytest.mark.parametrize("b", [1, 32, 128])
 @pytest.mark.parametrize(("h", "k2"), [(64, 512), (128, 1024)], ids=["flash", "pro"])
 def test_attention_matches_reference(b, h, k2):
+    """b=1 and 32 take the split + combine path (Pro b=32 too: 2 head blocks x 32 rows), b=128 the direct one."""
     q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, h, 128, k2, seed=b + h)
-    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=512**-0.5)
+    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
     _check_attn(ref_attention(q, c1, i1, l1, **kw), attn.sparse_attention(q, c1, i1, l1, **kw))
 
 
-@pytest.mark.parametrize("h", [8, 96])
-def test_attention_head_tails_and_no_extra(h):
-    q, c1, i1, l1, *_ = _attn_inputs(4, h, 128, 64, seed=h, sink=False)
-    _check_attn(ref_attention(q, c1, i1, l1, scale=0.07), attn.sparse_attention(q, c1, i1, l1, scale=0.07))
-    _check_attn(ref_attention(q, c1, i1, scale=0.07), attn.sparse_attention(q, c1, i1, scale=0.07))
+def _exact_dequant_inputs(n: int, seed: int) -> torch.Tensor:
+    """Tokens whose 64-wide tiles span 2^-20 .. 2^25: e4m3 subnormals (scale at its 1e-4 floor) and UE8M0
+    bytes above 142 (tile amax > 448 * 2^15), the two edges of the kernel's exact dequantization."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    e = torch.randint(-20, 26, (n, 8, 1), generator=g, device="cuda").float()
+    spread = torch.rand(n, 8, 64, generator=g, device="cuda") * 14  # values down to 2^-14 of the tile's max
+    sign = torch.where(torch.rand(n, 8, 64, generator=g, device="cuda") < 0.5, -1.0, 1.0)
+    return (sign * torch.exp2(e - spread)).view(n, 512)
+
+
+@pytest.mark.parametrize("impl", ["ws", "legacy"])
+def test_attention_exact_dequant(impl, monkeypatch):
+    """One key per row, no sink: softmax weight exactly 1, so o must equal the dequantized record bit for bit
+    (model1.gather) in every head; lse = scale * q.k (natural log). The other 63 columns of each row point
+    at NaN slots and must not leak."""
+    monkeypatch.setattr(attn, "ATTN_IMPL", impl)
+    b, h = 16, 64
+    g = torch.Generator(device="cuda").manual_seed(5)
+    cache = _model1_cache(b * 3, 64, g, _exact_dequant_inputs(b * 3, seed=6))
+    slots = torch.arange(b, device="cuda", dtype=torch.int32) * 3 + 1
+    ind = torch.full((b, 1, 64), b * 3 + 7, device="cuda", dtype=torch.int32)  # NaN page
+    ind[:, 0, 0] = slots
+    lens = torch.ones(b, device="cuda", dtype=torch.int32)
+    q = (torch.randn(b, 1, h, 512, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)
+    assert attn._impl_for(cache.data, cache.data, 448, 64, 64) == impl
+    o, lse = attn.sparse_attention(q, cache, ind, lens, scale=SCALE)
+    kv = model1.gather(cache, slots)  # bf16 [b, 512]
+    # value equality (+0 == -0: the reference keeps an e4m3 -0 as -0, the fp32 accumulator of P V makes it +0)
+    assert torch.equal(o, kv.view(b, 1, 1, 512).expand(b, 1, h, 512))
+    dots = (q.double() @ kv.double().view(b, 1, 512, 1)).view(b, 1, h).permute(0, 2, 1)
+    # fp32 accumulation of 512 products (wgmma) vs fp64: bound by the sum of |q||k|, not by |q.k|
+    mag = (q.double().abs() @ kv.double().abs().view(b, 1, 512, 1)).view(b, 1, h).permute(0, 2, 1)
+    assert bool(((lse.double() - dots * SCALE).abs() <= (2.0**-20 * mag + 1e-6) * SCALE).all())
+
+
+def test_attention_head_tails_and_no_extra():
+    """8 heads (one masked 64-row head block); 104 rows keep the single-pass kernel."""
+    q, c1, i1, l1, *_ = _attn_inputs(104, 8, 128, 64, seed=8, sink=False)
+    _check_attn(ref_attention(q, c1, i1, l1, scale=SCALE), attn.sparse_attention(q, c1, i1, l1, scale=SCALE))
+    _check_attn(ref_attention(q, c1, i1, scale=SCALE), attn.sparse_attention(q, c1, i1, scale=SCALE))
 
 
 def test_attention_cuda_graph_and_side_stream():
     q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(32, 64, 128, 512, seed=7)
-    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=512**-0.5)
+    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
     eager = attn.sparse_attention(q, c1, i1, l1, **kw)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -93,9 +160,25 @@ def test_attention_cuda_graph_and_side_stream():
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
 
 
+def test_no_recompile_per_batch_size():
+    """Batch, query count, index widths, cache sizes and split count are symbolic: new sizes reuse the
+    compiled kernels (TileLang's JIT caches and `_kernels` do not grow)."""
+    jits = (attn._attend_ws_kernel, attn._combine_kernel, idx._logits_kernel)
+    before = [len(j._kernel_cache) for j in jits], attn._kernels.cache_info().currsize
+    for b, k2 in ((3, 64), (5, 192), (100, 128), (101, 320)):  # split (3 and 5 splits) and direct
+        q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, 64, 128, k2, seed=b)
+        kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+        attn.sparse_attention(q, c1, i1, l1, **kw)
+    for t, n in ((3, 1000), (7, 2048)):
+        q8, w, cache, pt, req, vis = _indexer_inputs(t, n, seed=t)
+        idx.paged_logits(q8, w, cache, pt, req, vis, n)
+    torch.cuda.synchronize()
+    assert ([len(j._kernel_cache) for j in jits], attn._kernels.cache_info().currsize) == before
+
+
 def test_attention_opcheck():
     q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(2, 64, 128, 64, seed=3)
-    args = (q, c1.data, i1, l1, c2.data, i2, l2, s, 64, 64, 448, 64, 64, 512**-0.5)
+    args = (q, c1.data, i1, l1, c2.data, i2, l2, s, 64, 64, 448, 64, 64, SCALE)
     torch.library.opcheck(torch.ops.dsv4fn.tl_sparse_attention, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -117,6 +200,8 @@ def _indexer_inputs(t: int, n_keys: int, seed: int, hi: int = 64, di: int = 128,
     visible[0] = n_keys
     if t > 1:
         visible[1] = min(300, n_keys)  # at most topk: all entries in order
+    if t > 4 and n_keys >= 8192:
+        visible[2], visible[3], visible[4] = 0, 4096 + 100, 513  # nothing; a short last chunk; topk + 1
     req = torch.arange(t, device="cuda", dtype=torch.int32)
     return q8, w.contiguous(), cache, page_table.contiguous(), req, visible
 
@@ -137,17 +222,12 @@ def test_index_logits_matches_reference(t, n_keys):
     assert bool((err <= FP8_MMA_RTOL * scale + 1e-6).all()), (err.view(-1)[worst].item(), scale.max().item())
 
 
-@pytest.mark.parametrize("topk", [512, 1024])
-@pytest.mark.parametrize(("t", "n_keys"), [(1, 4096), (32, 16384), (128, 8192)])
-def test_index_topk_fused_matches_reference_sets(t, n_keys, topk):
-    q8, w, cache, pt, req, vis = _indexer_inputs(t, n_keys, seed=t + topk)
-    width = topk
+def _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_len):
     logits = ref_logits(q8, w, cache, pt, req, vis, n_keys)
     e_idx, e_len = select_topk(logits, vis, topk, width, pt, req, cache.page_size)
-    g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, topk, width, max_visible=n_keys)
     assert torch.equal(e_len, g_len)
     trivial = vis <= topk
-    assert torch.equal(g_idx[trivial], e_idx[trivial])  # all entries, in order
+    assert torch.equal(g_idx[trivial], e_idx[trivial])  # all entries, in order, -1 padded
     # sets per row; a differing entry is allowed only when its logit ties the k-th within fp32 noise
     page = cache.page_size
     for r in torch.nonzero(~trivial).view(-1).tolist():
@@ -159,13 +239,24 @@ def test_index_topk_fused_matches_reference_sets(t, n_keys, topk):
             tol = FP8_MMA_RTOL * row[torch.isfinite(row)].abs().max().item() + 1e-6  # kernel logits' precision
             j = torch.arange(n_keys, device="cuda")
             slot = (pt[r].long()[j // page] * page + j % page).tolist()
-            slot_logit = dict(zip(slot, row.tolist(), strict=True))
+            slot_logit = dict(zip(slot[: int(vis[r])], row[: int(vis[r])].tolist(), strict=True))
             for sl in es ^ gs:
+                assert sl in slot_logit, (r, sl)
                 assert abs(slot_logit[sl] - kth) <= tol, (r, sl, slot_logit[sl], kth)
     assert torch.all(g_idx[:, topk:] == -1)
 
 
-def test_index_topk_fused_cuda_graph_and_opcheck():
+@pytest.mark.parametrize("topk", [512, 1024])
+@pytest.mark.parametrize(("t", "n_keys"), [(1, 4096), (32, 16384), (128, 8192)])
+def test_index_topk_fused_matches_reference_sets(t, n_keys, topk):
+    """1, 4 and 2 chunks of 4096 keys per token; rows with nothing visible, a short last chunk, top-k + 1."""
+    q8, w, cache, pt, req, vis = _indexer_inputs(t, n_keys, seed=t + topk)
+    width = topk + 64
+    g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, topk, width, max_visible=n_keys)
+    _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_len)
+
+
+def test_index_topk_fused_cuda_graph_deterministic_and_opcheck():
     q8, w, cache, pt, req, vis = _indexer_inputs(32, 16384, seed=11)
     eager = idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=16384)
     graph = torch.cuda.CUDAGraph()
@@ -173,8 +264,7 @@ def test_index_topk_fused_cuda_graph_and_opcheck():
         out = idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=16384)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(eager[1], out[1])
-    assert torch.equal(eager[0].sort(-1).values, out[0].sort(-1).values)
+    assert torch.equal(eager[1], out[1]) and torch.equal(eager[0], out[0])  # no atomics: same order too
     # opcheck's schema test multiplies the inputs, which torch cannot do for fp8 tensors: fake-tensor only
     args = (q8, w, cache.data, pt, req, vis, 64, 512, 512, 16384)
     torch.library.opcheck(torch.ops.dsv4fn.tl_index_topk_fused, args, test_utils=("test_faketensor",))
@@ -184,7 +274,6 @@ def test_index_topk_fused_cuda_graph_and_opcheck():
 
 def test_out_idx_workaround_real_compile():
     """One `compat.jit` factory compiling two functions with different parameter counts."""
-    compat = importlib.import_module("dsv4fn._tilelang_compat")
     T = compat.T
 
     @compat.jit(out_idx=[-1])

@@ -1,9 +1,12 @@
-"""CPU checks of the TileLang kernels: each one lowers to CUDA for sm_90a (no GPU needed) at V4-Flash
-and V4-Pro sizes, and the `_tilelang_compat` workarounds behave. A kernel that stops compiling fails here."""
+"""CPU checks of the TileLang kernels: every kernel variant lowers to CUDA for sm_90a (no GPU needed) at
+V4-Flash and V4-Pro sizes, the generated source keeps the structure the speed depends on, the exact
+dequantization trick of the warp-specialised attention kernel is checked bit for bit, and the
+`_tilelang_compat` workarounds behave. A kernel that stops compiling fails here."""
 
 import importlib
 
 import pytest
+import torch
 
 pytest.importorskip("tilelang")
 
@@ -20,27 +23,74 @@ def _lower(prim_func, pass_configs=None) -> str:
     return src
 
 
+def _body(src: str) -> str:
+    """The kernel body (after the `__launch_bounds__` definition)."""
+    return src[src.index("__launch_bounds__") :]
+
+
+# ---- attention: warp-specialised kernel ----------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     ("h", "split"),
-    [(64, False), (64, True), (128, False), (128, True)],
-    ids=["flash", "flash-split", "pro", "pro-split"],
+    [(64, False), (64, True), (128, False), (96, True), (8, False)],
+    ids=["flash", "flash-split", "pro", "96heads-split", "8heads"],
 )
-def test_attention_lowers(h, split):
-    src = _lower(attn.build_attend(h, 448, 64, 64, 128, 64, SCALE, split), attn.PASS_CONFIGS)
-    assert "wgmma" in src  # both GEMMs use Hopper warpgroup MMA
-    assert "attend_partial_kernel" in src if split else "attend_direct_kernel" in src
+def test_attention_ws_lowers(h, split):
+    src = _lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS)
+    body = _body(src)
+    assert ("attend_ws_partial_kernel" if split else "attend_ws_direct_kernel") in src
+    assert "__launch_bounds__(384, 1)" in src
+    # QK^T (m64n64k16) and P V (two warpgroups x m64n256k16) on wgmma
+    assert "wgmma_ss<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32, 64, 64, 16" in body
+    assert body.count("64, 256, 16, false, true") == 2
+    # register split between the warpgroups, mbarrier pipeline, exact register dequantization
+    assert f"warpgroup_reg_alloc<{attn.REG_WG0}>" in body and f"warpgroup_reg_dealloc<{attn.REG_PRODUCER}>" in body
+    assert "k_ready[" in body and "k_free[" in body and "dsv4fn_dq16(" in body and "dsv4fn_dq16_big(" in body
+    # (7 nope + 2 rope) 16-byte loads per key, main / extra list, prologue / one block ahead in the loop
+    assert body.count("dsv4fn_ld128(") == 8
+    # the only block-wide barrier is the one after the mbarrier init (TileLang's automatic syncs are off;
+    # a __syncthreads inside one warpgroup's branch would deadlock)
+    assert body.count("__syncthreads()") == 1
+    assert "__sync_thread_partial" not in body
 
 
-def test_attention_small_heads_and_combine_lower():
-    # 8 heads: a masked 64-row head block
-    src = _lower(attn.build_attend(8, 448, 64, 64, 64, 64, SCALE, False), attn.PASS_CONFIGS)
-    assert "wgmma" in src
+def test_attention_ws_register_budget():
+    """setmaxnreg.inc waits for registers released by the other warpgroups: the three budgets must fit in
+    what the CTA was launched with (168 per thread at 384 threads), or warpgroup 0 hangs."""
+    per_thread = (65536 // attn.WS_THREADS) // 8 * 8
+    regs = (attn.REG_WG0, attn.REG_WG1, attn.REG_PRODUCER)
+    assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs)
+    assert sum(regs) <= 3 * per_thread, regs
+    assert attn.REG_WG1 <= per_thread and attn.REG_PRODUCER <= per_thread  # these two only release
+
+
+def test_attention_legacy_and_combine_lower():
+    # (the legacy kernel runs only under ATTN_IMPL="legacy"; its split variant shares this code)
+    src = _lower(attn.build_attend_legacy(64, 448, 64, 64, 64, 64, SCALE, False), attn.PASS_CONFIGS)
+    assert "attend_direct_kernel" in src and "wgmma" in src
     assert "attend_combine_kernel" in _lower(attn.build_combine(128, 512))
 
 
-def test_attention_rejects_tiny_geometry():
-    import torch
+def test_attention_impl_selection():
+    cache = torch.zeros(3, 37440, dtype=torch.uint8)  # MODEL1 pages of 64 tokens, stride = 65 records
+    assert attn._ws_usable(cache, 448, 64, 64)
+    assert not attn._ws_usable(cache, 448, 64, 32)
+    assert not attn._ws_usable(cache[:, 1:], 448, 64, 64)  # misaligned view
+    old = attn.ATTN_IMPL
+    try:
+        attn.ATTN_IMPL = "legacy"
+        assert attn._impl_for(cache, cache, 448, 64, 64) == "legacy"
+        attn.ATTN_IMPL = "ws"
+        assert attn._impl_for(cache, cache, 448, 64, 64) == "ws"
+    finally:
+        attn.ATTN_IMPL = old
+    # ws splits: fill the SMs only while the rows alone cannot (shapes only, no host sync)
+    assert [attn.choose_splits(b, 1, 64, 128, 512, "ws") for b in (1, 32, 64, 128, 256)] == [10, 4, 2, 1, 1]
+    assert attn.choose_splits(1, 1, 64, 1, 0, "ws") == 1
 
+
+def test_attention_rejects_tiny_geometry():
     from dsv4fn.state import PagedKVCache
 
     cache = PagedKVCache.allocate(2, 16, nope_dim=32, rope_dim=32, tile=32)
@@ -50,22 +100,59 @@ def test_attention_rejects_tiny_geometry():
         attn.sparse_attention(q, cache, idx_, scale=0.125)
 
 
-@pytest.mark.parametrize("hi", [64])
-def test_indexer_logits_and_fused_passes_lower(hi):
-    for build, name in [
-        (idx.build_logits, "index_logits_kernel"),
-        (idx.build_hist, "index_hist_kernel"),
-        (idx.build_select, "index_select_kernel"),
-    ]:
-        src = _lower(build(hi, 128, 64))
-        assert name in src
-        assert "wgmma" in src  # fp8 K·Qᵀ on warpgroup MMA
+def test_dequant_trick_is_exact():
+    """`dsv4fn_dq16`: bf16 bits ((f16(e4m3) & 0x7fff) >> 3) | sign, times 2^(min(s,142)-15) and, when s > 142,
+    2^(s-142) (bf16 multiplies) equal e4m3 * 2^(s-127) rounded to bf16 for every e4m3 code and every UE8M0
+    byte (the reference dequantization, model1.dequantize_tokens)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    e4 = codes.view(torch.float8_e4m3fn)
+    finite = torch.isfinite(e4.float())  # 0x7f / 0xff are NaN (never written by the quantizer)
+    h = e4.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = ((h & 0x7FFF) >> 3) | (h & 0x8000)
+    x = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.bfloat16)
+    assert torch.equal(x.float()[finite], e4.float()[finite] * 2.0**-112)  # no bit lost, no subnormal
+    for s in range(255):
+        fa = torch.tensor(2.0 ** (min(s, 142) - 15), dtype=torch.bfloat16)
+        fb = torch.tensor(2.0 ** (max(s, 142) - 142), dtype=torch.bfloat16)
+        got = (x * fa) * fb
+        ref = (e4.float() * 2.0 ** (s - 127)).to(torch.bfloat16)
+        assert torch.equal(got[finite].view(torch.int16), ref[finite].view(torch.int16)), s
+
+
+# ---- indexer ---------------------------------------------------------------------------------------
+
+
+def test_indexer_logits_lowers():
+    src = _lower(idx.build_logits(64, 128, 64), idx.PASS_CONFIGS)
+    body = _body(src)
+    assert "index_logits_kernel" in src
+    assert f"__launch_bounds__({idx.THREADS}, {idx.MIN_CTAS_PER_SM})" in src
+    assert "tma_load(Kv_desc" in body and "tma_load(Ks_desc" in body  # page values and scales by TMA
+    assert "kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, 64, 64, 32" in body
 
 
 @pytest.mark.parametrize("topk", [512, 1024], ids=["flash", "pro"])
-def test_topk_passes_lower(topk):
-    assert "index_threshold_kernel" in _lower(idx.build_threshold(topk))
-    assert "index_finish_kernel" in _lower(idx.build_finish(topk, 64))
+def test_indexer_fused_topk_lowers(topk):
+    src = _lower(idx.build_chunk_topk(64, 128, 64, topk), idx.PASS_CONFIGS)
+    assert "index_chunk_topk_kernel" in src and "dsv4fn_chunk_topk(" in _body(src)
+    assert "tma_load(Kv_desc" in src
+    src = _lower(idx.build_topk_merge(topk, 64), idx.MERGE_PASS_CONFIGS)
+    assert "index_topk_merge_kernel" in src and "dsv4fn_topk_merge(" in _body(src)
+
+
+def test_indexer_rejects_unsupported():
+    from dsv4fn.state import IndexerKeyCache
+
+    cache = IndexerKeyCache.allocate(2, 32, dim=128)
+    q8 = torch.zeros(1, 64, 128).to(torch.float8_e4m3fn)
+    w = torch.zeros(1, 64)
+    pt = torch.zeros(1, 2, dtype=torch.int32)
+    req = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cache"):
+        idx.paged_logits(q8, w, cache, pt, req, req, 64)
+    cache = IndexerKeyCache.allocate(2, 64, dim=128)
+    with pytest.raises(ValueError, match="topk"):
+        idx.index_topk_fused(q8, w, cache, pt, req, req, 8192, 8192)
 
 
 # ---- workarounds -------------------------------------------------------------------------------
@@ -129,6 +216,24 @@ def test_out_idx_upstream_bug_still_present(monkeypatch):
 
     with pytest.raises(ValueError, match="result_idx"):  # the second compile sees the first one's [2]
         _two_param_counts(tilelang.jit, monkeypatch)
+
+
+def test_auto_sync_workaround_still_needed():
+    """Documents why the ws kernel turns TileLang's automatic syncs off: with them on, TileLang treats the
+    extern dequant call as a shared-memory access and either puts named barriers inside the producer's
+    unrolled loops or refuses to lower ("Cannot lower a required shared-memory sync inside a divergent
+    region"). If this starts failing, upstream's sync planner got smarter and the workaround can go."""
+    cfg = {k: v for k, v in attn.WS_PASS_CONFIGS.items() if k != "tl.disable_thread_storage_sync"}
+    try:
+        src = compat.lower_source(attn.build_attend_ws(8, 64, 64, SCALE, True), pass_configs=cfg)
+    except Exception as exc:  # tvm.error.InternalError
+        assert "ThreadSync" in str(exc)
+    else:
+        assert "__sync_thread_partial" in _body(src)
+
+
+def test_parallel_precompile_runs_every_thunk():
+    assert compat.precompile([lambda i=i: i * i for i in range(5)], workers=3) == [0, 1, 4, 9, 16]
 
 
 def test_backend_registration():

@@ -2,41 +2,154 @@
 # (TileLang kernels are a DSL: `T.Tensor[(M, N), dtype]` annotations are not Python types.)
 """TileLang sparse attention decode over MODEL1 FP8 caches (matches `reference.sparse_attention`).
 
-One program owns (request b, query s, a block of up to 64 heads, one KV split). It walks its share
-of the 64-token blocks of the row's index lists — first the main (window) list, then the extra
-(compressed) list, each cut at its length — and for each block:
-  1. reads the 64 indices, marks slots that are -1 or past the list length invalid;
-  2. gathers the records: e4m3 nope bytes -> fp32 * 2^(scale byte - 127) -> bf16 (exact: a cvt of
-     the e4m3 value, never the bf16 bit trick, and the scale built from its exponent bits), and the
-     bf16 rope values; an invalid slot is never read and its row is zero, so NaN bytes in slots that
-     are not selected cannot leak;
-  3. S = Q K^T (wgmma), online softmax in the log2 domain, O += P V with V = K (all d dims).
-With one split the program finishes the row itself (sink, natural-log LSE, o = 0 / lse = +inf for an
-empty row); with several it writes fp32 partials (normalised o, log2 LSE) and a combine kernel merges
-them. The split count is chosen on the host from the batch shape only (no host sync), so the launch
-is CUDA-graph capturable. Compiled kernels are cached per (heads, dims, page sizes, scale, split
-mode); batch, query count, index widths, cache sizes and split count are symbolic.
+Two kernels compute the same thing; `ATTN_IMPL` (env `DSV4FN_TL_ATTENTION`, read at import, settable
+at run time before a call or a CUDA-graph capture) picks one:
+
+``"ws"`` (default; V4 geometry d = 448 + 64, tile 64, page stride a multiple of the 576-byte record):
+a warp-specialised kernel in the style of FlashMLA's sm90 sparse decode. One CTA of 384 threads owns
+(request b, query s, 64 heads, one KV split) and walks its 64-key blocks of the concatenated
+main (window) + extra (compressed) index lists, each cut at its length:
+  * producer warpgroup (threads 256..383, 120 registers): per block each thread takes 2 keys x one
+    16-byte column of every 64-wide tile (4 lanes read 64 contiguous bytes of a record: full
+    sectors). Its 9 16-byte loads per key (+ the 8-byte scale record) are `ld.global.nc` into
+    registers, issued one block ahead: as soon as key r of block i is dequantized, key r of block
+    i+1 is requested into the same registers (indices prefetched one block further), so loads stay
+    in flight while the warpgroup waits for a free K buffer and while it dequantizes. Dequantization
+    is exact (below), straight from registers into the bf16 K tile in shared memory (2 buffers,
+    128B-swizzled for wgmma, conflict-free 16-byte stores), then an mbarrier is signalled.
+    Invalid keys (-1 or past the list length) are never loaded: their registers are zeroed, so NaN
+    bytes in slots that are not selected cannot leak.
+  * consumer warpgroup 0 (threads 0..127, 224 registers): S = Q K^T (wgmma m64n64k16, Q in shared),
+    online softmax in the log2 domain, P (bf16) and the row rescale to shared for warpgroup 1, then
+    O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16).
+  * consumer warpgroup 1 (threads 128..255, 160 registers): O[:, 256:512] += P V[:, 256:512].
+  Exact dequantization (`dsv4fn_dq16`): `cvt.rn.f16x2.e4m3x2` (exact: every e4m3 value is a normal
+  f16), then the f16 bits shifted right by 3 *are* the bf16 bits of the value times 2^-112 (e4m3
+  has 3 mantissa bits, so no bit is lost and no intermediate is subnormal), then one bf16x2 multiply
+  by 2^(s-15) (two when the UE8M0 byte s > 142) - exact, 4 integer/half ops per 2 values instead of
+  the 3 float conversions of the e4m3 -> fp32 -> bf16 route.
+``"legacy"``: the first kernel (one 256-thread program per row and head block, gathers and
+dequantizes synchronously); kept for comparison and for other geometries.
+
+With one split the kernel finishes the row (sink, natural-log LSE, o = 0 / lse = +inf for an empty
+row); with several it writes fp32 partials (normalised o, log2 LSE) and `attend_combine` merges
+them. The split count comes from the batch shape only (no host sync): CUDA-graph capturable.
+Compiled kernels are cached per (impl, heads, page sizes, scale, split mode); batch, query count,
+index widths, cache sizes and split count are symbolic (one compile serves every batch size).
 
 Launches go through `_tilelang_compat.launch` (torch's current stream). d must be a multiple of 64
-with a 64-wide rope part (448 + 64); the tiny test geometry (32 + 32) is rejected with a ValueError.
+with a 64-wide rope part; the tiny test geometry (32 + 32) is rejected with a ValueError.
 """
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._tilelang_compat import T, jit, launch
+from .._tilelang_compat import DEVICE_SRC, T, barrier_wait, jit, launch, named_sync
 from ..state import PagedKVCache
 
 BLOCK_I = 64  # keys per block
 HEAD_BLOCK = 64  # heads per program (at most)
-THREADS = 256
+THREADS = 256  # legacy kernel
 NUM_SMS_TARGET = 132  # H100 SXM
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
+FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
+
+# warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
+# 168 registers per thread (65536 / 384, rounded down to 8) and `setmaxnreg.inc` blocks until the other
+# warpgroups have released enough: the budgets must sum to <= 3 * 168 = 504, or warpgroup 0 waits forever.
+# (224, 160, 120): no spills in any variant (ptxas 13.0, checked on CPU with nvcc -arch=sm_90a).
+WS_THREADS = 384
+REG_WG0, REG_WG1, REG_PRODUCER = 224, 160, 120
+WS_NOPE, WS_ROPE, WS_TILE = 448, 64, 64
+WS_D = WS_NOPE + WS_ROPE
+WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
+WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
+
+# device helpers of the ws kernel (inline PTX only: see _tilelang_compat.DEVICE_SRC)
+WS_DEVICE_SRC = (
+    DEVICE_SRC
+    + r"""
+// dsv4fn/attend/tilelang.py: predicated 16/8-byte streaming loads (no L1 allocation: each key is
+// read once per CTA) into registers; zeros when `ok` is 0 (the address is then never touched). No L2
+// prefetch hint: a 576-byte record spans three 256-byte blocks, so `.L2::256B` would pull ~33% extra
+// DRAM traffic for scattered (top-k selected) keys.
+__device__ __forceinline__ void dsv4fn_ld128(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "l"(src), "r"(ok));
+}
+__device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n}\n"
+      : "=r"(d[0]), "=r"(d[1])
+      : "l"(src), "r"(ok));
+}
+__device__ __forceinline__ unsigned dsv4fn_bf16x2_mul(unsigned x, unsigned y) {
+  unsigned d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
+  return d;
+}
+// 16 e4m3 values of one tile (4 words) times 2^(s-127), s = low byte of `sbyte`, -> 16 bf16 (8 words).
+// e4m3 -> f16 is exact and always normal (or zero); (f16 bits & 0x7fff) >> 3 are the bf16 bits of the
+// value * 2^-112 (the 7 dropped f16 mantissa bits are zero); sign copied; then * 2^(s-15) in bf16, a
+// power of two in range while s <= 142. BIG (s up to 255) splits it into 2^(min(s,142)-15) * 2^(s-142).
+template <bool BIG>
+__device__ __forceinline__ void dsv4fn_dq16_impl(const void* raw_, int sbyte, void* out_) {
+  const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
+  unsigned* out = reinterpret_cast<unsigned*>(out_);
+  const unsigned s = static_cast<unsigned>(sbyte) & 255u;
+  unsigned fa = ((BIG && s > 142u ? 142u : s) + 112u) << 7;
+  fa |= fa << 16;
+  unsigned fb = ((s > 142u ? s : 142u) - 15u) << 7;
+  fb |= fb << 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    unsigned h0, h1;
+    asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n"
+        " cvt.rn.f16x2.e4m3x2 %0, lo;\n cvt.rn.f16x2.e4m3x2 %1, hi;\n}\n"
+        : "=r"(h0), "=r"(h1) : "r"(raw[i]));
+    unsigned v0 = dsv4fn_bf16x2_mul(((h0 & 0x7FFF7FFFu) >> 3) | (h0 & 0x80008000u), fa);
+    unsigned v1 = dsv4fn_bf16x2_mul(((h1 & 0x7FFF7FFFu) >> 3) | (h1 & 0x80008000u), fa);
+    if (BIG) {
+      v0 = dsv4fn_bf16x2_mul(v0, fb);
+      v1 = dsv4fn_bf16x2_mul(v1, fb);
+    }
+    out[2 * i] = v0;
+    out[2 * i + 1] = v1;
+  }
+}
+__device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* out) {
+  dsv4fn_dq16_impl<false>(raw, sbyte, out);  // every scale byte of the warp's keys is <= 142
+}
+__device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
+  dsv4fn_dq16_impl<true>(raw, sbyte, out);
+}
+// 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
+__device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
+  const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
+  int big = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) big |= static_cast<int>(((m0 >> (8 * k)) & 255u) > 142u);
+#pragma unroll
+  for (int k = 0; k < 3; ++k) big |= static_cast<int>(((m1 >> (8 * k)) & 255u) > 142u);
+  return __any_sync(0xffffffffu, big);
+}
+"""
+)
 
 
 def _head_block(h: int) -> int:
@@ -46,21 +159,37 @@ def _head_block(h: int) -> int:
     return HEAD_BLOCK
 
 
+# indices are trusted to address the cache (DSV4FN_VALIDATE=1 checks them in the step): no per-load guards
+PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
+# the ws kernel is warp-specialised by hand: TileLang's own producer/consumer split and its automatic
+# shared-memory syncs stay off (see _tilelang_compat); every sync is explicit (mbarriers, named_sync)
+WS_PASS_CONFIGS = {
+    "tl.disable_safe_memory_legalize": True,
+    "tl.disable_warp_specialized": True,
+    "tl.disable_thread_storage_sync": True,
+}
+WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
+
+
 @functools.cache
-def _kernels(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
+def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
     """Compiled (main, combine-or-None) kernels for one geometry."""
-    main = _attend_kernel(h, nope, rope, tile, p1, p2, scale, split)
+    if impl == "ws":
+        main = _attend_ws_kernel(h, p1, p2, scale, split)
+    else:
+        main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope) if split else None
     return main, comb
 
 
-# indices are trusted to address the cache (DSV4FN_VALIDATE=1 checks them in the step): no per-load guards
-PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
+@jit(pass_configs=WS_PASS_CONFIGS)
+def _attend_ws_kernel(h: int, p1: int, p2: int, scale: float, split: bool):
+    return build_attend_ws(h, p1, p2, scale, split)
 
 
 @jit(pass_configs=PASS_CONFIGS)
-def _attend_kernel(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
-    return build_attend(h, nope, rope, tile, p1, p2, scale, split)
+def _attend_legacy_kernel(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
+    return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
 @jit
@@ -69,7 +198,335 @@ def _combine_kernel(h: int, d: int):
 
 
 def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
-    """The attention PrimFunc (exposed for the CPU lowering tests)."""
+    """The attention PrimFunc of the current `ATTN_IMPL` (exposed for the CPU lowering tests)."""
+    if ATTN_IMPL == "ws" and (nope, rope, tile) == (WS_NOPE, WS_ROPE, WS_TILE):
+        return build_attend_ws(h, p1, p2, scale, split)
+    return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
+
+
+def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
+    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64)."""
+    D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
+    RECW = WS_REC // 4  # record in 32-bit words (144)
+    RECH = WS_REC // 2  # record in bf16 halves (288)
+    HB, BI = HEAD_BLOCK, BLOCK_I
+    NHB = (h + HB - 1) // HB
+    PAD_HEADS = h % HB != 0
+    sl2 = scale * LOG2E
+    bf16, f32, i32, i64 = T.bfloat16, T.float32, T.int32, T.int64
+
+    B = T.dynamic("batch")
+    SQ = T.dynamic("s_q")
+    K1 = T.dynamic("k1")
+    K2 = T.dynamic("k2")
+    W1 = T.dynamic("words1")
+    W2 = T.dynamic("words2")
+    H1 = T.dynamic("halves1")
+    H2 = T.dynamic("halves2")
+    NS = T.dynamic("splits")
+
+    @T.macro
+    def load_q(Q, Q_s, b, sq, h0):
+        if PAD_HEADS:
+            for i, dd in T.Parallel(HB, D):
+                Q_s[i, dd] = T.if_then_else(h0 + i < h, Q[b, sq, T.min(h0 + i, h - 1), dd], T.cast(0, bf16))
+        else:
+            T.copy(Q[b, sq, h0 : h0 + HB, :], Q_s)
+        T.fence_proxy_async()  # Q_s is read by wgmma (async proxy) ...
+        named_sync(WG0_BARRIER, 128)  # ... of all 128 threads
+
+    @T.macro
+    def fetch_indices(Idx1, Idx2, b, sq, nb1, blk, tok0, ixn):
+        # indices of this thread's two keys of block `blk` (main list first, then extra)
+        for r in T.unroll(2):
+            if blk < nb1:
+                ixn[r] = Idx1[b, sq, T.min(blk * BI + tok0 + 32 * r, K1 - 1)]
+            else:
+                ixn[r] = Idx2[b, sq, T.min((blk - nb1) * BI + tok0 + 32 * r, K2 - 1)]
+
+    @T.macro
+    def issue_loads(Cw, Ch, P, rpp, n, col0, tok0, c, r, ixn, ok, raw, rp, sc):
+        # all loads of this thread's key r (tok0 + 32 r) of a block, predicated on validity (zeros otherwise)
+        ok[r] = T.if_then_else((col0 + tok0 + 32 * r < n) & (ixn[r] >= 0), 1, 0)
+        slot = T.max(ixn[r], 0)
+        prow = T.cast(slot // P, i64) * rpp
+        row = prow + slot % P
+        for t in T.unroll(NT):
+            T.call_extern(
+                "handle", "dsv4fn_ld128", T.address_of(raw[r, t, 0]), T.address_of(Cw[row * RECW + t * 16 + c * 4]),
+                ok[r],
+            )  # fmt: skip
+        for t in T.unroll(2):
+            T.call_extern(
+                "handle", "dsv4fn_ld128", T.address_of(rp[r, t, 0]),
+                T.address_of(Ch[row * RECH + NOPE // 2 + t * 32 + c * 8]), ok[r],
+            )  # fmt: skip
+        T.call_extern(
+            "handle", "dsv4fn_ld64", T.address_of(sc[r, 0]), T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]),
+            ok[r],
+        )  # fmt: skip
+
+    @T.macro
+    def issue_block_loads(
+        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk, tok0, c, r, ixn, ok, raw, rp, sc,
+    ):  # fmt: skip
+        if blk < nb1:
+            issue_loads(C1w, C1h, p1, rpp1, n1, blk * BI, tok0, c, r, ixn, ok, raw, rp, sc)
+        else:
+            issue_loads(C2w, C2h, p2, rpp2, n2, (blk - nb1) * BI, tok0, c, r, ixn, ok, raw, rp, sc)
+
+    def make_dequant_store(fn: str):
+        """Macro: dequantize this thread's key r from registers into K_s[st] with the extern `fn`."""
+
+        @T.macro
+        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s):
+            for t in T.unroll(NT):
+                T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
+                              T.address_of(outb[0]))  # fmt: skip
+                for v in T.vectorized(16):
+                    K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
+            for t in T.unroll(2):
+                for v in T.vectorized(8):
+                    K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
+            if c == 0:
+                valid_s[st, tok0 + 32 * r] = ok[r]
+
+        return dequant_store
+
+    dequant_fast = make_dequant_store("dsv4fn_dq16")
+    dequant_big = make_dequant_store("dsv4fn_dq16_big")
+
+    @T.macro
+    def producer(
+        Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+        K_s, valid_s, k_ready, k_free, p,
+    ):  # fmt: skip
+        lane = p % 32
+        c = lane // 8  # 16-byte column of each 64-wide tile
+        tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
+        raw = T.alloc_local([2, NT, 4], i32)
+        rp = T.alloc_local([2, 2, 8], bf16)
+        sc = T.alloc_local([2, 2], i32)
+        ixn = T.alloc_local([2], i32)
+        ok = T.alloc_local([2], i32)
+        outb = T.alloc_local([16], bf16)
+        # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
+        # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
+        if cnt > 0:
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
+            for r in T.unroll(2):
+                issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc)
+            if cnt > 1:
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
+        for it in T.serial(cnt):
+            blk = blk0 + it
+            st = it % 2
+            barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
+            for r in T.unroll(2):
+                # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
+                if T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
+                    dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
+                else:
+                    dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
+                if it + 1 < cnt:
+                    issue_block_loads(
+                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
+                    )
+            if it + 2 < cnt:
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
+            T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
+            T.barrier_arrive(k_ready[st])
+
+    @T.macro
+    def consumer0(
+        Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
+        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha,
+    ):  # fmt: skip
+        load_q(Q, Q_s, b, sq, h0)
+        T.fill(acc_o, 0)
+        T.fill(sumexp, 0)
+        T.fill(m_i, -(2.0**30))
+        for it in T.serial(cnt):
+            st = it % 2
+            barrier_wait(k_ready, st, (it // 2) % 2)
+            for i, j in T.Parallel(HB, BI):
+                acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
+            T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            T.copy(m_i, m_prev)
+            T.reduce_max(acc_s, m_i, dim=1, clear=False)
+            for i in T.Parallel(HB):
+                m_i[i] = T.max(m_i[i], m_prev[i])
+                alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
+            for i, j in T.Parallel(HB, BI):
+                acc_s[i, j] = T.exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
+            T.reduce_sum(acc_s, sum_i, dim=1)
+            for i in T.Parallel(HB):
+                sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
+            for i, d in T.Parallel(HB, DH):
+                acc_o[i, d] = acc_o[i, d] * alpha[i]
+            if it > 0:
+                barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
+            T.copy(alpha, alpha_s)
+            T.copy(acc_s, S_s)
+            T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
+            T.barrier_arrive(s_ready)
+            named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
+            T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            T.barrier_arrive(k_free[st])
+
+    @T.macro
+    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha):
+        T.fill(acc_o, 0)
+        for it in T.serial(cnt):
+            st = it % 2
+            barrier_wait(s_ready, 0, it % 2)
+            T.copy(alpha_s, alpha)
+            for i, d in T.Parallel(HB, DH):
+                acc_o[i, d] = acc_o[i, d] * alpha[i]
+            T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            T.barrier_arrive(s_free)
+            T.barrier_arrive(k_free[st])
+
+    def kernel_body(split_mode: bool):
+        """The shared prologue / role split as a macro taking the epilogue outputs."""
+
+        @T.macro
+        def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L):
+            T.import_source(WS_DEVICE_SRC)
+            Q_s = T.alloc_shared([HB, D], bf16)
+            K_s = T.alloc_shared([2, BI, D], bf16)
+            S_s = T.alloc_shared([HB, BI], bf16)
+            valid_s = T.alloc_shared([2, BI], i32)
+            alpha_s = T.alloc_shared([HB], f32)
+            fac_s = T.alloc_shared([HB], f32)
+            k_ready = T.alloc_barrier([128, 128])
+            k_free = T.alloc_barrier([256, 256])
+            s_ready = T.alloc_barrier(128)
+            s_free = T.alloc_barrier(128)
+            epi = T.alloc_barrier(128)
+            tx = T.get_thread_binding()
+            n1 = T.max(T.min(Len1[b], K1), 0)
+            n2 = T.max(T.min(Len2[b], K2), 0)
+            nb1 = T.ceildiv(n1, BI)
+            nb = nb1 + T.ceildiv(n2, BI)
+            per = T.ceildiv(nb, nsplit)
+            blk0 = sp * per
+            cnt = T.max(T.min(nb - blk0, per), 0)
+            if tx < 128:
+                T.set_max_nreg(REG_WG0, 1)
+                acc_o = T.alloc_fragment([HB, DH], f32)
+                acc_s = T.alloc_fragment([HB, BI], f32)
+                m_i = T.alloc_fragment([HB], f32)
+                m_prev = T.alloc_fragment([HB], f32)
+                sumexp = T.alloc_fragment([HB], f32)
+                sum_i = T.alloc_fragment([HB], f32)
+                alpha = T.alloc_fragment([HB], f32)
+                fac = T.alloc_fragment([HB], f32)
+                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
+                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha)  # fmt: skip
+                if split_mode:
+                    for i in T.Parallel(HB):
+                        fac[i] = T.if_then_else(sumexp[i] > 0, 1.0 / sumexp[i], 0.0)
+                else:
+                    for i in T.Parallel(HB):
+                        alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
+                        fac[i] = T.if_then_else(
+                            sumexp[i] > 0,
+                            1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i]))),
+                            0.0,
+                        )
+                T.copy(fac, fac_s)
+                T.barrier_arrive(epi)
+                if split_mode:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, sp, h0 + i, d] = acc_o[i, d] * fac[i]
+                    for i in T.Parallel(HB):
+                        if h0 + i < h:
+                            L[b, sq, sp, h0 + i] = T.if_then_else(
+                                sumexp[i] > 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
+                            )
+                else:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, h0 + i, d] = T.cast(acc_o[i, d] * fac[i], bf16)
+                    for i in T.Parallel(HB):
+                        if h0 + i < h:
+                            L[b, h0 + i, sq] = T.if_then_else(sumexp[i] > 0, alpha[i], T.infinity(f32))
+            elif tx < 256:
+                T.set_max_nreg(REG_WG1, 0)
+                acc_o = T.alloc_fragment([HB, DH], f32)
+                alpha = T.alloc_fragment([HB], f32)
+                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha)
+                barrier_wait(epi, 0, 0)
+                T.copy(fac_s, alpha)
+                if split_mode:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
+                else:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, h0 + i, DH + d] = T.cast(acc_o[i, d] * alpha[i], bf16)
+            else:
+                T.set_max_nreg(REG_PRODUCER, 0)
+                producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                         K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
+
+        return body
+
+    if split:
+        body = kernel_body(True)
+
+        @T.prim_func
+        def attend_ws_partial(
+            Q: T.Tensor[(B, SQ, h, D), bf16],
+            Idx1: T.Tensor[(B, SQ, K1), i32],
+            Len1: T.Tensor[(B,), i32],
+            C1w: T.Tensor[(W1,), i32],
+            C1h: T.Tensor[(H1,), bf16],
+            Idx2: T.Tensor[(B, SQ, K2), i32],
+            Len2: T.Tensor[(B,), i32],
+            C2w: T.Tensor[(W2,), i32],
+            C2h: T.Tensor[(H2,), bf16],
+            Opart: T.Tensor[(B, SQ, NS, h, D), f32],
+            Lpart: T.Tensor[(B, SQ, NS, h), f32],
+            rpp1: T.int32,
+            rpp2: T.int32,
+        ):
+            with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
+                body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx % NHB) * HB, bx // NHB, NS,
+                     None, Opart, Lpart)  # fmt: skip
+
+        return attend_ws_partial
+
+    body = kernel_body(False)
+
+    @T.prim_func
+    def attend_ws_direct(
+        Q: T.Tensor[(B, SQ, h, D), bf16],
+        Idx1: T.Tensor[(B, SQ, K1), i32],
+        Len1: T.Tensor[(B,), i32],
+        C1w: T.Tensor[(W1,), i32],
+        C1h: T.Tensor[(H1,), bf16],
+        Idx2: T.Tensor[(B, SQ, K2), i32],
+        Len2: T.Tensor[(B,), i32],
+        C2w: T.Tensor[(W2,), i32],
+        C2h: T.Tensor[(H2,), bf16],
+        Sink: T.Tensor[(h,), f32],
+        O: T.Tensor[(B, SQ, h, D), bf16],
+        Lse: T.Tensor[(B, h, SQ), f32],
+        rpp1: T.int32,
+        rpp2: T.int32,
+    ):
+        with T.Kernel(NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
+            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse)
+
+    return attend_ws_direct
+
+
+def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
+    """The legacy attention PrimFunc (see module docstring)."""
     D = nope + rope
     NT = nope // tile  # scale bytes per token
     REC = nope + 2 * rope  # data record bytes
@@ -308,10 +765,20 @@ def build_combine(h: int, d: int):
     return attend_combine
 
 
-def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int) -> int:
-    """KV splits per row: fill ~one wave of SMs when the batch alone cannot (host-only arithmetic)."""
+def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legacy") -> int:
+    """KV splits per row (host-only arithmetic, from shapes): fill the SMs when the batch alone cannot.
+
+    legacy: one wave of ~132 programs when fewer than 66 rows. ws (one 384-thread CTA per SM): split
+    only while the rows fill under ~3/4 of the SMs, into at most 132 // rows parts, so every CTA runs
+    in the first wave (b=1: 10 splits of 1 block; b=32: 4; b=64: 2; b>=100: 1)."""
+    if FORCE_SPLITS is not None:
+        return max(1, int(FORCE_SPLITS))
     programs = b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
+    if impl == "ws":
+        if programs >= (3 * NUM_SMS_TARGET) // 4 or blocks <= 1:
+            return 1
+        return max(1, min(blocks, NUM_SMS_TARGET // programs, 16))
     if programs >= NUM_SMS_TARGET // 2 or blocks <= 1:
         return 1
     return max(1, min(blocks, math.ceil(NUM_SMS_TARGET / programs), 16))
@@ -325,6 +792,19 @@ def _check_geometry(cache: PagedKVCache) -> None:
         )
     if cache.data.stride(0) % 2 != 0 or cache.data.stride(0) >= 2**31:
         raise ValueError(f"cache.data: page stride {cache.data.stride(0)} must be even and < 2^31 bytes")
+
+
+def _ws_usable(data: Tensor, nope: int, rope: int, tile: int) -> bool:
+    """The ws kernel's layout needs: V4 geometry, pages made of whole 576-byte records, 16-byte alignment."""
+    return (
+        (nope, rope, tile) == (WS_NOPE, WS_ROPE, WS_TILE) and data.stride(0) % WS_REC == 0 and data.data_ptr() % 16 == 0
+    )
+
+
+def _impl_for(data1: Tensor, data2: Tensor, nope: int, rope: int, tile: int) -> str:
+    if ATTN_IMPL == "ws" and _ws_usable(data1, nope, rope, tile) and _ws_usable(data2, nope, rope, tile):
+        return "ws"
+    return "legacy"
 
 
 @torch.library.custom_op("dsv4fn::tl_sparse_attention", mutates_args=())
@@ -347,18 +827,25 @@ def tl_sparse_attention(
     """Flat op: q bf16 [b, s_q, h, d]; caches as raw uint8 pages; lens int32 [b] (always given);
     sink fp32 [h] (-inf = no sink). Returns (o bf16 [b, s_q, h, d], lse fp32 [b, h, s_q])."""
     b, s_q, h, d = q.shape
-    splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1])
-    main, comb = _kernels(h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1)
-    u1, f1, h1, st1 = _cache_views_raw(data1)
-    u2, f2, h2, st2 = _cache_views_raw(data2)
+    impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
+    splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
+    main, comb = _kernels(impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1)
+    if impl == "ws":
+        w1, h1, st1 = _cache_views_ws(data1)
+        w2, h2, st2 = _cache_views_ws(data2)
+        cache_args = (w1, h1, indices2, lens2, w2, h2)
+    else:
+        u1, f1, h1, st1 = _cache_views_raw(data1)
+        u2, f2, h2, st2 = _cache_views_raw(data2)
+        cache_args = (u1, f1, h1, indices2, lens2, u2, f2, h2)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if comb is None:
-        launch(main, q, indices1, lens1, u1, f1, h1, indices2, lens2, u2, f2, h2, sink, o, lse, st1, st2)
+        launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2)
     else:
         opart = torch.empty((b, s_q, splits, h, d), dtype=torch.float32, device=q.device)
         lpart = torch.empty((b, s_q, splits, h), dtype=torch.float32, device=q.device)
-        launch(main, q, indices1, lens1, u1, f1, h1, indices2, lens2, u2, f2, h2, opart, lpart, st1, st2)
+        launch(main, q, indices1, lens1, *cache_args, opart, lpart, st1, st2)
         launch(comb, opart, lpart, sink, o, lse)
     return o, lse
 
@@ -369,12 +856,24 @@ def _(q, data1, indices1, lens1, data2, indices2, lens2, sink, page_size1, page_
     return torch.empty_like(q), q.new_empty((b, h, s_q), dtype=torch.float32)
 
 
+def _flat_bytes(data: Tensor) -> Tensor:
+    stride = data.stride(0)
+    nbytes = (data.shape[0] - 1) * stride + data.shape[1] if data.shape[0] else 0
+    return data.as_strided((nbytes,), (1,))
+
+
 def _cache_views_raw(data: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     stride = data.stride(0)
-    nbytes = (data.shape[0] - 1) * stride + data.shape[1]
-    nbytes -= nbytes % 2
-    flat = data.as_strided((nbytes,), (1,))
+    flat = _flat_bytes(data)
+    flat = flat[: flat.numel() - flat.numel() % 2]
     return flat, flat.view(torch.float8_e4m3fn), flat.view(torch.bfloat16), stride
+
+
+def _cache_views_ws(data: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(int32 words, bf16 halves) views of the whole cache, and the page stride in 576-byte records."""
+    flat = _flat_bytes(data)
+    flat = flat[: flat.numel() - flat.numel() % 4]
+    return flat.view(torch.int32), flat.view(torch.bfloat16), data.stride(0) // WS_REC
 
 
 def _full_lens(indices: Tensor, lens: Tensor | None) -> Tensor:

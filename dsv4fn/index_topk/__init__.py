@@ -70,6 +70,18 @@ def index_logits(
     return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, logits_width(meta))
 
 
+def _fused_topk(backend: str | None, device: torch.device):
+    """The fused indexer + top-k (never writes the logits) when the TileLang backend is chosen explicitly
+    (argument or DSV4FN_BACKEND) on CUDA; "auto" and "compare" keep the two-step path."""
+    name = backend or _backend.default_backend()
+    if name != "tilelang" or device.type != "cuda":
+        return None
+    try:
+        return _backend.resolve("index_topk_fused", name, device)[1]
+    except ValueError:  # TileLang not installed
+        return None
+
+
 def index_topk(
     q8: Tensor,
     weights: Tensor,
@@ -84,6 +96,12 @@ def index_topk(
     csa = _check(q8, weights, cache, meta)
     k = meta.topk if topk is None else topk
     require(1 <= k <= csa.width, f"topk: expected 1..{csa.width} (the index width), got {k}")
+    fused = _fused_topk(backend, q8.device)
+    if fused is not None:
+        return fused(
+            q8, weights, cache, meta.page_table, meta.token_request, csa.visible, k, csa.width,
+            max_visible=logits_width(meta),
+        )  # fmt: skip
     logits = index_logits(q8, weights, cache, meta, backend=backend)
     _, fn = _backend.resolve("topk", backend, q8.device)
     return fn(logits, csa.visible, k, csa.width, meta.page_table, meta.token_request, csa.page_size)

@@ -4,83 +4,302 @@
 
 Cache: DeepGEMM's paged layout, a page of `P` keys = `P × di` e4m3 bytes then `P` fp32 scales. The
 kernels view a page as `[P + 4P/di, di]` e4m3 rows (the last rows are the scales, read through an
-fp32 view), so a page's keys arrive with one tile copy. Per page: S[key, head] = K8 · Q8ᵀ (fp8
-wgmma, fp32 accumulate), logit[key] = s_k · Σ_h w_h · relu(S).
+fp32 view). Per page: S[key, head] = K8 · Q8ᵀ (fp8 wgmma m64n64k32, fp32 accumulate),
+logit[key] = s_k · Σ_h w_h · relu(S).
 
-`index_logits` (`paged_logits`): a program owns one query token and `PAGES_PER_PROGRAM` pages of its
-request; columns `j >= visible` (and whole pages past it, which are not read) are -inf.
+Both kernels share one page loop: a CTA of 128 threads owns one query token and a run of that
+token's pages; the page-table entries of the run are read once into shared memory, then one thread
+streams the pages with TMA (values 8 KB + scales 256 B per page, `STAGES` pages in flight on
+mbarriers) while the warpgroup computes the page before. Pages past the token's visible length are
+never read. Several CTAs share an SM (`annotate_min_blocks_per_sm`), so 10+ pages are in flight per SM.
 
-`index_topk_fused`: never writes the fp32 logits. Four launches, no host sync:
-  1. histogram: logits computed on the fly, a 12-bit order-preserving bucket of each visible logit
-     counted into a per-token histogram (shared, then global atomics);
-  2. threshold: per token, the bucket holding the topk-th largest logit and the count above it;
-  3. select: logits recomputed; entries above the bucket go straight to the output (atomic slot),
-     entries in the bucket go to a per-token candidate list (value, position);
-  4. finish: the missing `topk - above` entries are ranked exactly among the candidates (ties broken
-     by position), rows with `visible <= topk` take every entry in order, -1 padding, lengths.
-Pass 1 and 3 each read the keys once (2× the logits kernel's key traffic, no logits traffic).
+`index_logits` (`paged_logits`): `PAGES_PER_CTA` pages per CTA; writes the logits, -inf at
+`j >= visible`.
+
+`index_topk_fused`: never writes the logits. Two launches, no host sync:
+  1. `chunk_topk`: a CTA computes the logits of `CHUNK_PAGES` pages (4096 keys) of one token into
+     shared memory and selects its exact local top-k there (block radix select on the
+     order-preserving 32-bit key of each fp32 logit, 4 rounds of 8 bits, then a deterministic
+     compaction); it writes k (logit, position) candidates. Tokens with `visible <= topk` and
+     chunks past `visible` do nothing.
+  2. `topk_merge`: per token the same radix select over its ceil(visible / 4096) * k candidates (the
+     union of the local top-k sets holds the global top-k set; staged in shared memory up to 8192),
+     then cache slots, -1 padding and lengths; rows with `visible <= topk` take every entry in order.
+The keys are read once; the only other traffic is k candidates per 4096 keys (8 bytes each).
+Ties at the k-th logit are broken deterministically (by chunk, then by thread-interleaved position).
 """
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from .._tilelang_compat import T, jit, launch
+from .._tilelang_compat import DEVICE_SRC, T, jit, launch
 from ..state import IndexerKeyCache
 
-PAGES_PER_PROGRAM = 16  # H100 sweep (t=32, 16k keys): 2/4/8/16 pages -> 96/76/67/61 us
-STAGES = 3
-_LOGITS_TILING = (PAGES_PER_PROGRAM, STAGES)  # (pages per program, pipeline stages) of index_logits
+PAGES_PER_CTA = 16  # index_logits: pages (of 64 keys) per CTA
+STAGES = 4  # pages in flight per CTA (TMA + mbarrier ring)
+MIN_CTAS_PER_SM = 4  # register cap 128/thread; shared memory allows ~5 CTAs of the logits kernel
+CHUNK_PAGES = 64  # fused top-k: pages per CTA (4096 keys): local top-k candidates per chunk
+CHUNK_STAGES = 8  # 7 pages (59 KB) in flight: at small batches a chunk CTA is alone on its SM
+CHUNK_CTAS_PER_SM = 2
 THREADS = 128
-BUCKET_BITS = 12
-NBUCKETS = 1 << BUCKET_BITS
-FINISH_THREADS = 256
-FINISH_SMEM = 4096  # candidates staged in shared memory by the finish kernel
+MERGE_THREADS = 256
+MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
+_LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
+# The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
+# automatic shared-memory syncs (it put a 32-thread named barrier *inside* the elected lane's TMA branch,
+# a deadlock; see _tilelang_compat). The kernels place every __syncthreads themselves.
+PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
+# the merge reads rows through raw pointers (T.address_of): no bounds guard that would skip a row silently
+MERGE_PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
+
+TOPK_DEVICE_SRC = (
+    DEVICE_SRC
+    + r"""
+// dsv4fn/index_topk/tilelang.py: exact block-wide top-k by radix select (all NT threads call these).
+__device__ __forceinline__ unsigned dsv4fn_okey(float x) {  // order-preserving: larger float, larger key
+  const unsigned u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// Key `thr` of the k-th largest of vals[0..n) (1 <= k <= n) and `above` = #keys > thr.
+// hist: 256 ints of shared memory, misc: 2 ints of shared memory.
+template <int NT>
+__device__ __forceinline__ void dsv4fn_radix_kth(const float* vals, int n, int k, int* hist, int* misc,
+                                                 unsigned& thr, int& above) {
+  const int tid = threadIdx.x;
+  unsigned prefix = 0u, mask = 0u;
+  int need = k;  // rank still to find among the keys matching `prefix`
+#pragma unroll 1
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += NT) hist[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += NT) {
+      const unsigned key = dsv4fn_okey(vals[i]);
+      if ((key & mask) == prefix) {
+        // warp-aggregated: logits of one row share a few exponent bytes, so plain shared atomics would
+        // serialise up to 32 lanes on one bin
+        const unsigned bin = (key >> shift) & 255u;
+        const unsigned peers = __match_any_sync(__activemask(), bin);
+        if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      }
+    }
+    __syncthreads();
+    if (tid < 32) {  // warp 0: lane l owns bins 255-8l ... 248-8l (descending order)
+      int c[8];
+      int s = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        c[j] = hist[255 - 8 * tid - j];
+        s += c[j];
+      }
+      int incl = s;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (tid >= o) incl += v;
+      }
+      const int excl = incl - s;
+      const unsigned owner = __ballot_sync(0xffffffffu, excl < need && need <= incl);
+      if (tid == __ffs(owner) - 1) {
+        int acc = excl, bin = -1, acc_bin = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (bin < 0 && acc + c[j] >= need) {
+            bin = 255 - 8 * tid - j;
+            acc_bin = acc;
+          }
+          acc += c[j];
+        }
+        misc[0] = bin;
+        misc[1] = acc_bin;  // keys above this bin (within the prefix)
+      }
+    }
+    __syncthreads();
+    need -= misc[1];
+    prefix |= static_cast<unsigned>(misc[0]) << shift;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  thr = prefix;
+  above = k - need;
+}
+// Exclusive block scan of two counters; scratch: 2 * (NT / 32) ints of shared memory.
+template <int NT>
+__device__ __forceinline__ void dsv4fn_scan2(int a, int b, int* scratch, int& ea, int& eb) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int ia = a, ib = b;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int va = __shfl_up_sync(0xffffffffu, ia, o), vb = __shfl_up_sync(0xffffffffu, ib, o);
+    if (lane >= o) {
+      ia += va;
+      ib += vb;
+    }
+  }
+  if (lane == 31) {
+    scratch[warp] = ia;
+    scratch[NT / 32 + warp] = ib;
+  }
+  __syncthreads();
+  int wa = 0, wb = 0;
+  for (int w = 0; w < warp; ++w) {
+    wa += scratch[w];
+    wb += scratch[NT / 32 + w];
+  }
+  ea = wa + ia - a;
+  eb = wb + ib - b;
+  __syncthreads();
+}
+// The k largest of vals[0..n): every key above the k-th, then the first (k - above) equal to it in
+// the order (thread, then i / NT). Writes out_v[r] = value, out_i[r] = pos[i] (or base + i) for r < k.
+template <int NT>
+__device__ __forceinline__ void dsv4fn_block_topk(const float* vals, const int* pos, int base, int n, int k,
+                                                  int* hist, int* misc, float* out_v, int* out_i) {
+  unsigned thr;
+  int above;
+  dsv4fn_radix_kth<NT>(vals, n, k, hist, misc, thr, above);
+  const int tid = threadIdx.x;
+  int cg = 0, ce = 0;
+  for (int i = tid; i < n; i += NT) {
+    const unsigned key = dsv4fn_okey(vals[i]);
+    cg += key > thr;
+    ce += key == thr;
+  }
+  int og, oe;
+  dsv4fn_scan2<NT>(cg, ce, hist, og, oe);
+  for (int i = tid; i < n; i += NT) {
+    const float v = vals[i];
+    const unsigned key = dsv4fn_okey(v);
+    int r = -1;
+    if (key > thr) {
+      r = og++;
+    } else if (key == thr) {
+      r = above + oe++;
+    }
+    if (r >= 0 && r < k) {
+      out_v[r] = v;
+      out_i[r] = pos ? pos[i] : base + i;
+    }
+  }
+  __syncthreads();
+}
+// fused top-k, step 1: local top-k of one chunk (logits in shared memory) -> candidates
+__device__ __forceinline__ void dsv4fn_chunk_topk(const float* lg, int n, int k, int base, int* hist, int* misc,
+                                                  float* cand_v, int* cand_i) {
+  if (n <= k) {  // (uniform) a short chunk: every entry is a candidate, the rest is padding
+    for (int r = threadIdx.x; r < k; r += 128) {
+      cand_v[r] = r < n ? lg[r] : __int_as_float(0xff800000);  // -inf
+      cand_i[r] = r < n ? base + r : -1;
+    }
+    return;
+  }
+  dsv4fn_block_topk<128>(lg, nullptr, base, n, k, hist, misc, cand_v, cand_i);
+}
+// fused top-k, step 2: per token, the top-k of its candidates -> cache slots (-1 padded) and length
+__device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int* cand_i, int ncand, int k,
+                                                  int vis, int width, int page, const int* pt_row, int max_blocks,
+                                                  int* hist, int* misc, float* sel_v, int* sel_i, int* out_row,
+                                                  int* len, float* stage_v, int* stage_i, int stage_cap) {
+  const int tid = threadIdx.x;
+  if (vis > k && ncand <= stage_cap) {  // stage the candidates in shared memory: 5 passes read them
+    for (int i = tid; i < ncand; i += 256) {
+      stage_v[i] = cand_v[i];
+      stage_i[i] = cand_i[i];
+    }
+    __syncthreads();
+    cand_v = stage_v;
+    cand_i = stage_i;
+  }
+  if (vis <= k) {  // every visible entry, in order
+    for (int j = tid; j < width; j += 256) {
+      int s = -1;
+      if (j < vis) s = pt_row[min(j / page, max_blocks - 1)] * page + j % page;
+      out_row[j] = s;
+    }
+  } else {
+    dsv4fn_block_topk<256>(cand_v, cand_i, 0, ncand, k, hist, misc, sel_v, sel_i);
+    for (int r = tid; r < width; r += 256) {
+      int s = -1;
+      const int j = r < k ? sel_i[r] : -1;
+      if (j >= 0) s = pt_row[min(j / page, max_blocks - 1)] * page + j % page;
+      out_row[r] = s;
+    }
+  }
+  if (tid == 0) *len = min(vis, k);
+}
+"""
+)
 
 
 def _geometry(cache: IndexerKeyCache, hi: int) -> tuple[int, int]:
     p, di = cache.page_size, cache.dim
-    if (4 * p) % di != 0 or p % 64 != 0 or di % 32 != 0:
+    if p != 64 or di != 128:
         raise ValueError(
-            f"cache: the TileLang indexer needs page_size a multiple of 64 and 4*page_size a multiple of dim "
-            f"(got page_size {p}, dim {di}); use backend 'torch'"
+            f"cache: the TileLang indexer needs page_size 64 and dim 128 (got page_size {p}, dim {di}); "
+            "use backend 'torch' or 'triton'"
         )
-    if hi % 16 != 0:
-        raise ValueError(f"q8: the TileLang indexer needs a multiple of 16 heads, got {hi}")
+    if hi % 16 != 0 or not 16 <= hi <= 256:
+        raise ValueError(f"q8: the TileLang indexer needs a multiple of 16 heads (16..256), got {hi}")
     return p, di
 
 
-def _page_macro(hi: int, di: int, p: int):
-    """Macro: logits of logical page `lp` of token `t` into fragment `lg` [p] (-inf past `vis`)."""
-    f32, fp8 = T.float32, T.float8_e4m3fn
+def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool):
+    """Macro: the TMA ring over pages `0..npg-1` of the run of `npp` pages of token `t` starting at page
+    `cc * npp`; each page's logits go to `Dst[t, col]` (global, -inf past `vis`, nothing past `W`), or
+    with `to_shared` to `Dst[it * p + j]` (a shared [npp * p] buffer)."""
+    f32 = T.float32
     SOFF = p * di // 4  # fp32 offset of the scales in a page
 
     @T.macro
-    def page_logits(Kv, Ks, PT, req, lp, vis, n_pages, mb, Q_s, w_f, K_s, S, lg, sc_f):
-        phys = T.min(T.max(PT[req, T.min(lp, mb - 1)], 0), n_pages - 1)
-        T.copy(Kv[phys, 0:p, :], K_s)
-        for j in T.Parallel(p):
-            sc_f[j] = Ks[phys, SOFF + j]
-        T.gemm(K_s, Q_s, S, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
-        for j, hh in T.Parallel(p, hi):
-            S[j, hh] = T.max(S[j, hh], 0) * w_f[hh]
-        T.reduce_sum(S, lg, dim=1, clear=True)
-        for j in T.Parallel(p):
-            lg[j] = T.if_then_else(lp * p + j < vis, lg[j] * sc_f[j], -T.infinity(f32))
+    def page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, W, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, Dst):
+        T.copy(Wt[t, :], w_f)
+        T.sync_threads()  # pt_s
+        if tx < 32:  # warp 0 issues the TMA copies (one elected lane) and arrives (all 32 lanes)
+            T.tma_copy(Q[t, :, :], Q_s, barrier=qbar[0])
+            T.barrier_arrive(qbar[0])
+            for i in T.serial(stages - 1):
+                if i < npg:
+                    T.tma_copy(Kv[pt_s[i], 0:p, :], K_s[i, :, :], barrier=full[i])
+                    T.tma_copy(Ks[pt_s[i], SOFF : SOFF + p], sc_s[i, :], barrier=full[i])
+                    T.barrier_arrive(full[i])
+        T.barrier_wait(qbar[0], 0)
+        for it in T.serial(npg):
+            st = it % stages
+            if tx < 32:
+                nxt = it + stages - 1
+                if nxt < npg:  # refill the slot freed at the end of iteration it-1
+                    T.tma_copy(Kv[pt_s[nxt], 0:p, :], K_s[nxt % stages, :, :], barrier=full[nxt % stages])
+                    T.tma_copy(Ks[pt_s[nxt], SOFF : SOFF + p], sc_s[nxt % stages, :], barrier=full[nxt % stages])
+                    T.barrier_arrive(full[nxt % stages])
+            T.barrier_wait(full[st], (it // stages) % 2)
+            T.gemm(K_s[st, :, :], Q_s, S, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
+            for j, hh in T.Parallel(p, hi):
+                S[j, hh] = T.max(S[j, hh], 0) * w_f[hh]
+            T.reduce_sum(S, lg, dim=1, clear=True)
+            if to_shared:
+                for j in T.Parallel(p):
+                    col = (cc * npp + it) * p + j
+                    Dst[it * p + j] = T.if_then_else(col < vis, lg[j] * sc_s[st, j], -T.infinity(f32))
+            else:
+                for j in T.Parallel(p):
+                    col = (cc * npp + it) * p + j
+                    if col < W:
+                        Dst[t, col] = T.if_then_else(col < vis, lg[j] * sc_s[st, j], -T.infinity(f32))
+            T.sync_threads()  # every thread is done with slot st before it is refilled
 
-    return page_logits, fp8
+    return page_loop
 
 
-def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_PROGRAM, stages: int = STAGES):
+def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: int = STAGES):
     """PrimFunc: logits [t, width] (exposed for the CPU lowering tests)."""
-    f32, i32 = T.float32, T.int32
-    page_logits, fp8 = _page_macro(hi, di, p)
+    f32, i32, fp8 = T.float32, T.int32, T.float8_e4m3fn
     NT_ = T.dynamic("tokens")
     W = T.dynamic("width")
     NP = T.dynamic("n_pages")
     NB = T.dynamic("n_requests")
     MB = T.dynamic("max_blocks")
     ROWS = p + 4 * p // di
+    page_loop = _page_loop(hi, di, p, ppc, stages, False)
 
     @T.prim_func
     def index_logits(
@@ -93,51 +312,49 @@ def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_PROGRAM, stages:
         Vis: T.Tensor[(NT_,), i32],
         Out: T.Tensor[(NT_, W), f32],
     ):
-        with T.Kernel(T.ceildiv(W, p * ppc), NT_, threads=THREADS) as (c, t):
+        with T.Kernel(T.ceildiv(W, p * ppc), NT_, threads=THREADS) as (cc, t):
+            T.annotate_min_blocks_per_sm(MIN_CTAS_PER_SM)
             Q_s = T.alloc_shared([hi, di], fp8)
-            K_s = T.alloc_shared([p, di], fp8)
+            K_s = T.alloc_shared([stages, p, di], fp8)
+            sc_s = T.alloc_shared([stages, p], f32)
+            pt_s = T.alloc_shared([ppc], i32)
+            full = T.alloc_barrier([32] * stages)
+            qbar = T.alloc_barrier(32)
             w_f = T.alloc_fragment([hi], f32)
             S = T.alloc_fragment([p, hi], f32)
             lg = T.alloc_fragment([p], f32)
-            sc_f = T.alloc_fragment([p], f32)
+            tx = T.get_thread_binding()
             vis = Vis[t]
             req = Req[t]
-            T.copy(Q[t, :, :], Q_s)
-            T.copy(Wt[t, :], w_f)
-            npg = T.max(T.min(ppc, T.ceildiv(vis, p) - c * ppc), 0)
-            for it in T.Pipelined(npg, num_stages=stages):
-                lp = c * ppc + it
-                page_logits(Kv, Ks, PT, req, lp, vis, NP, MB, Q_s, w_f, K_s, S, lg, sc_f)
-                for j in T.Parallel(p):
-                    if lp * p + j < W:
-                        Out[t, lp * p + j] = lg[j]
+            npg = T.max(T.min(ppc, T.ceildiv(vis, p) - cc * ppc), 0)
+
+            for i in T.Parallel(ppc):
+                pt_s[i] = T.min(T.max(PT[req, T.min(cc * ppc + i, MB - 1)], 0), NP - 1)
+            page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, W, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, Out)
             for it, j in T.Parallel(ppc, p):
-                col = (c * ppc + it) * p + j
+                col = (cc * ppc + it) * p + j
                 if it >= npg and col < W:
                     Out[t, col] = -T.infinity(f32)
 
     return index_logits
 
 
-def _order_key(x):
-    """Order-preserving uint32 of an fp32 value (larger float -> larger key)."""
-    u = T.reinterpret(x, T.uint32)
-    return T.if_then_else(u >= T.uint32(0x80000000), ~u, u | T.uint32(0x80000000))
-
-
-def build_hist(hi: int, di: int, p: int, ppc: int = PAGES_PER_PROGRAM, stages: int = STAGES):
-    """PrimFunc, pass 1: per-token histogram of logit buckets (visible entries only)."""
-    f32, i32 = T.float32, T.int32
-    page_logits, fp8 = _page_macro(hi, di, p)
+def build_chunk_topk(hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES):
+    """PrimFunc, fused top-k step 1: per (chunk of `cpg` pages, token) the local top-k candidates."""
+    f32, i32, fp8 = T.float32, T.int32, T.float8_e4m3fn
     NT_ = T.dynamic("tokens")
     NC = T.dynamic("chunks")
     NP = T.dynamic("n_pages")
     NB = T.dynamic("n_requests")
     MB = T.dynamic("max_blocks")
     ROWS = p + 4 * p // di
+    CH = cpg * p
+    if not 1 <= topk <= CH:
+        raise ValueError(f"topk: the fused TileLang top-k supports 1..{CH}, got {topk}")
+    page_loop = _page_loop(hi, di, p, cpg, stages, True)
 
     @T.prim_func
-    def index_hist(
+    def index_chunk_topk(
         Q: T.Tensor[(NT_, hi, di), fp8],
         Wt: T.Tensor[(NT_, hi), f32],
         Kv: T.Tensor[(NP, ROWS, di), fp8],
@@ -145,246 +362,99 @@ def build_hist(hi: int, di: int, p: int, ppc: int = PAGES_PER_PROGRAM, stages: i
         PT: T.Tensor[(NB, MB), i32],
         Req: T.Tensor[(NT_,), i32],
         Vis: T.Tensor[(NT_,), i32],
-        Hist: T.Tensor[(NT_, NBUCKETS), i32],
-        Dummy: T.Tensor[(NC,), i32],
+        CandV: T.Tensor[(NT_, NC, topk), f32],
+        CandI: T.Tensor[(NT_, NC, topk), i32],
     ):
-        with T.Kernel(NC, NT_, threads=THREADS) as (c, t):
+        with T.Kernel(NC, NT_, threads=THREADS) as (cc, t):
+            T.annotate_min_blocks_per_sm(CHUNK_CTAS_PER_SM)
+            T.import_source(TOPK_DEVICE_SRC)
             Q_s = T.alloc_shared([hi, di], fp8)
-            K_s = T.alloc_shared([p, di], fp8)
-            h_s = T.alloc_shared([NBUCKETS], i32)
+            K_s = T.alloc_shared([stages, p, di], fp8)
+            sc_s = T.alloc_shared([stages, p], f32)
+            pt_s = T.alloc_shared([cpg], i32)
+            lg_s = T.alloc_shared([CH], f32)
+            hist = T.alloc_shared([256], i32)
+            misc = T.alloc_shared([2], i32)
+            full = T.alloc_barrier([32] * stages)
+            qbar = T.alloc_barrier(32)
             w_f = T.alloc_fragment([hi], f32)
             S = T.alloc_fragment([p, hi], f32)
             lg = T.alloc_fragment([p], f32)
-            sc_f = T.alloc_fragment([p], f32)
-            vis = Vis[t]
-            req = Req[t]
-            T.fill(h_s, 0)
-            T.copy(Q[t, :, :], Q_s)
-            T.copy(Wt[t, :], w_f)
-            npg = T.max(T.min(ppc, T.ceildiv(vis, p) - c * ppc), 0)
-            for it in T.Pipelined(npg, num_stages=stages):
-                lp = c * ppc + it
-                page_logits(Kv, Ks, PT, req, lp, vis, NP, MB, Q_s, w_f, K_s, S, lg, sc_f)
-                for j in T.Parallel(p):
-                    if lp * p + j < vis:
-                        T.atomic_add(h_s[T.cast(_order_key(lg[j]) >> T.uint32(32 - BUCKET_BITS), i32)], 1)
-            for i in T.Parallel(NBUCKETS):
-                if h_s[i] > 0:
-                    T.atomic_add(Hist[t, i], h_s[i])
-
-    return index_hist
-
-
-def build_threshold(topk: int):
-    """PrimFunc, pass 2: Thr[t, 0] = bucket of the topk-th largest, Thr[t, 1] = count strictly above."""
-    i32 = T.int32
-    NT_ = T.dynamic("tokens")
-    SEG = NBUCKETS // THREADS
-
-    @T.prim_func
-    def index_threshold(Hist: T.Tensor[(NT_, NBUCKETS), i32], Thr: T.Tensor[(NT_, 2), i32]):
-        with T.Kernel(NT_, threads=THREADS) as t:
             tx = T.get_thread_binding()
-            h_s = T.alloc_shared([NBUCKETS], i32)
-            seg_s = T.alloc_shared([THREADS], i32)
-            acc = T.alloc_var(i32)
-            above = T.alloc_var(i32)
-            seg = T.alloc_var(i32)
-            bucket = T.alloc_var(i32)
-            T.copy(Hist[t, :], h_s)
-            acc = 0
-            for k in T.serial(SEG):
-                acc = acc + h_s[tx * SEG + k]
-            seg_s[tx] = acc
-            T.sync_threads()
-            if tx == 0:
-                above = 0
-                seg = -1
-                for s in T.serial(THREADS):
-                    if seg < 0:
-                        if above + seg_s[THREADS - 1 - s] >= topk:
-                            seg = THREADS - 1 - s
-                        else:
-                            above = above + seg_s[THREADS - 1 - s]
-                bucket = -1
-                if seg >= 0:
-                    for k in T.serial(SEG):
-                        if bucket < 0:
-                            if above + h_s[seg * SEG + SEG - 1 - k] >= topk:
-                                bucket = seg * SEG + SEG - 1 - k
-                            else:
-                                above = above + h_s[seg * SEG + SEG - 1 - k]
-                Thr[t, 0] = bucket
-                Thr[t, 1] = above
+            vis = Vis[t]
+            req = Req[t]
+            npg = T.max(T.min(cpg, T.ceildiv(vis, p) - cc * cpg), 0)
 
-    return index_threshold
+            if vis > topk and npg > 0:  # (uniform) trivial rows and chunks past `visible` have nothing to do
+                for i in T.Parallel(cpg):
+                    pt_s[i] = T.min(T.max(PT[req, T.min(cc * cpg + i, MB - 1)], 0), NP - 1)
+                for i in T.Parallel(CH):
+                    lg_s[i] = -T.infinity(f32)
+                page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, 0, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, lg_s)
+                T.sync_threads()
+                T.call_extern(
+                    "handle", "dsv4fn_chunk_topk", T.address_of(lg_s[0]), npg * p, topk, cc * CH,
+                    T.address_of(hist[0]), T.address_of(misc[0]), T.address_of(CandV[t, cc, 0]),
+                    T.address_of(CandI[t, cc, 0]),
+                )  # fmt: skip
+
+    return index_chunk_topk
 
 
-def build_select(hi: int, di: int, p: int, ppc: int = PAGES_PER_PROGRAM, stages: int = STAGES):
-    """PrimFunc, pass 3: entries above the threshold bucket -> output; in the bucket -> candidates."""
+def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES):
+    """PrimFunc, fused top-k step 2: per token the top-k of its candidates -> slots, -1 padding, lengths."""
     f32, i32 = T.float32, T.int32
-    page_logits, fp8 = _page_macro(hi, di, p)
     NT_ = T.dynamic("tokens")
     NC = T.dynamic("chunks")
     W = T.dynamic("width")
-    CAP = T.dynamic("cap")
-    NP = T.dynamic("n_pages")
     NB = T.dynamic("n_requests")
     MB = T.dynamic("max_blocks")
-    ROWS = p + 4 * p // di
+    CH = cpg * p
 
     @T.prim_func
-    def index_select(
-        Q: T.Tensor[(NT_, hi, di), fp8],
-        Wt: T.Tensor[(NT_, hi), f32],
-        Kv: T.Tensor[(NP, ROWS, di), fp8],
-        Ks: T.Tensor[(NP, ROWS * di // 4), f32],
+    def index_topk_merge(
+        CandV: T.Tensor[(NT_, NC, topk), f32],
+        CandI: T.Tensor[(NT_, NC, topk), i32],
         PT: T.Tensor[(NB, MB), i32],
         Req: T.Tensor[(NT_,), i32],
         Vis: T.Tensor[(NT_,), i32],
-        Thr: T.Tensor[(NT_, 2), i32],
-        Cnt: T.Tensor[(NT_, 2), i32],
-        CandV: T.Tensor[(NT_, CAP), f32],
-        CandI: T.Tensor[(NT_, CAP), i32],
-        Out: T.Tensor[(NT_, W), i32],
-        Dummy: T.Tensor[(NC,), i32],
-    ):
-        with T.Kernel(NC, NT_, threads=THREADS) as (c, t):
-            Q_s = T.alloc_shared([hi, di], fp8)
-            K_s = T.alloc_shared([p, di], fp8)
-            w_f = T.alloc_fragment([hi], f32)
-            S = T.alloc_fragment([p, hi], f32)
-            lg = T.alloc_fragment([p], f32)
-            sc_f = T.alloc_fragment([p], f32)
-            vis = Vis[t]
-            req = Req[t]
-            thr = T.alloc_var(i32)
-            thr = Thr[t, 0]
-            T.copy(Q[t, :, :], Q_s)
-            T.copy(Wt[t, :], w_f)
-            npg = T.max(T.min(ppc, T.ceildiv(vis, p) - c * ppc), 0)
-            if thr >= 0:
-                for it in T.Pipelined(npg, num_stages=stages):
-                    lp = c * ppc + it
-                    page_logits(Kv, Ks, PT, req, lp, vis, NP, MB, Q_s, w_f, K_s, S, lg, sc_f)
-                    for j in T.Parallel(p):
-                        pos = lp * p + j
-                        bkt = T.cast(_order_key(lg[j]) >> T.uint32(32 - BUCKET_BITS), i32)
-                        if pos < vis:
-                            if bkt > thr:
-                                o = T.atomic_add(Cnt[t, 0], 1, return_prev=True)
-                                Out[t, o] = PT[req, T.min(lp, MB - 1)] * p + j
-                            elif bkt == thr:
-                                o2 = T.atomic_add(Cnt[t, 1], 1, return_prev=True)
-                                if o2 < CAP:
-                                    CandV[t, o2] = lg[j]
-                                    CandI[t, o2] = pos
-
-    return index_select
-
-
-def build_finish(topk: int, p: int):
-    """PrimFunc, pass 4: rank the threshold-bucket candidates, trivial rows, padding, lengths."""
-    f32, i32 = T.float32, T.int32
-    NT_ = T.dynamic("tokens")
-    W = T.dynamic("width")
-    CAP = T.dynamic("cap")
-    NB = T.dynamic("n_requests")
-    MB = T.dynamic("max_blocks")
-    NTH = FINISH_THREADS
-    SM = FINISH_SMEM
-
-    @T.prim_func
-    def index_finish(
-        PT: T.Tensor[(NB, MB), i32],
-        Req: T.Tensor[(NT_,), i32],
-        Vis: T.Tensor[(NT_,), i32],
-        Thr: T.Tensor[(NT_, 2), i32],
-        Cnt: T.Tensor[(NT_, 2), i32],
-        CandV: T.Tensor[(NT_, CAP), f32],
-        CandI: T.Tensor[(NT_, CAP), i32],
         Out: T.Tensor[(NT_, W), i32],
         Lens: T.Tensor[(NT_,), i32],
     ):
-        with T.Kernel(NT_, threads=NTH) as t:
-            tx = T.get_thread_binding()
-            v_s = T.alloc_shared([SM], f32)
-            i_s = T.alloc_shared([SM], i32)
-            rank = T.alloc_var(i32)
+        with T.Kernel(NT_, threads=MERGE_THREADS) as t:
+            T.import_source(TOPK_DEVICE_SRC)
+            hist = T.alloc_shared([256], i32)
+            misc = T.alloc_shared([2], i32)
+            sel_v = T.alloc_shared([topk], f32)
+            sel_i = T.alloc_shared([topk], i32)
+            stage_v = T.alloc_shared([MERGE_STAGE], f32)
+            stage_i = T.alloc_shared([MERGE_STAGE], i32)
             vis = Vis[t]
             req = Req[t]
-            if vis <= topk:
-                for k in T.serial(T.ceildiv(W, NTH)):
-                    j = k * NTH + tx
-                    if j < W:
-                        Out[t, j] = T.if_then_else(j < vis, PT[req, T.min(j // p, MB - 1)] * p + j % p, -1)
-            else:
-                above = Thr[t, 1]
-                need = topk - above
-                n = T.min(Cnt[t, 1], CAP)
-                for k in T.serial(T.ceildiv(W, NTH)):
-                    j = k * NTH + tx
-                    if j >= topk and j < W:
-                        Out[t, j] = -1
-                if n <= SM:
-                    for k in T.serial(T.ceildiv(n, NTH)):
-                        m = k * NTH + tx
-                        if m < n:
-                            v_s[m] = CandV[t, m]
-                            i_s[m] = CandI[t, m]
-                    T.sync_threads()
-                    for k in T.serial(T.ceildiv(n, NTH)):
-                        m = k * NTH + tx
-                        if m < n:
-                            rank = 0
-                            for q in T.serial(n):
-                                if (v_s[q] > v_s[m]) | ((v_s[q] == v_s[m]) & (i_s[q] < i_s[m])):
-                                    rank = rank + 1
-                            if rank < need:
-                                jj = i_s[m]
-                                Out[t, above + rank] = PT[req, T.min(jj // p, MB - 1)] * p + jj % p
-                else:
-                    for k in T.serial(T.ceildiv(n, NTH)):
-                        m = k * NTH + tx
-                        if m < n:
-                            rank = 0
-                            for q in T.serial(n):
-                                if (CandV[t, q] > CandV[t, m]) | (
-                                    (CandV[t, q] == CandV[t, m]) & (CandI[t, q] < CandI[t, m])
-                                ):
-                                    rank = rank + 1
-                            if rank < need:
-                                jj = CandI[t, m]
-                                Out[t, above + rank] = PT[req, T.min(jj // p, MB - 1)] * p + jj % p
-            if tx == 0:
-                Lens[t] = T.min(vis, topk)
+            ncand = T.min(T.ceildiv(vis, CH), NC) * topk
+            T.call_extern(
+                "handle", "dsv4fn_topk_merge", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]), ncand,
+                topk, vis, W, p, T.address_of(PT[req, 0]), MB, T.address_of(hist[0]), T.address_of(misc[0]),
+                T.address_of(sel_v[0]), T.address_of(sel_i[0]), T.address_of(Out[t, 0]), T.address_of(Lens[t]),
+                T.address_of(stage_v[0]), T.address_of(stage_i[0]), MERGE_STAGE,
+            )  # fmt: skip
 
-    return index_finish
+    return index_topk_merge
 
 
-@jit
-def _logits_kernel(hi: int, di: int, p: int, ppc: int = PAGES_PER_PROGRAM, stages: int = STAGES):
+@jit(pass_configs=PASS_CONFIGS)
+def _logits_kernel(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: int = STAGES):
     return build_logits(hi, di, p, ppc, stages)
 
 
-@jit
-def _hist_kernel(hi: int, di: int, p: int):
-    return build_hist(hi, di, p)
+@jit(pass_configs=PASS_CONFIGS)
+def _chunk_topk_kernel(hi: int, di: int, p: int, topk: int):
+    return build_chunk_topk(hi, di, p, topk)
 
 
-@jit
-def _threshold_kernel(topk: int):
-    return build_threshold(topk)
-
-
-@jit
-def _select_kernel(hi: int, di: int, p: int):
-    return build_select(hi, di, p)
-
-
-@jit
-def _finish_kernel(topk: int, p: int):
-    return build_finish(topk, p)
+@jit(pass_configs=MERGE_PASS_CONFIGS)
+def _topk_merge_kernel(topk: int, p: int):
+    return build_topk_merge(topk, p)
 
 
 def _cache_views(data: Tensor, p: int, di: int) -> tuple[Tensor, Tensor]:
@@ -439,21 +509,14 @@ def tl_index_topk_fused(
     lens = torch.empty((t,), dtype=torch.int32, device=dev)
     if t == 0:
         return out, lens
-    span = max(page_size, -(-max_visible // page_size) * page_size)
-    chunks = -(-span // (page_size * PAGES_PER_PROGRAM))
-    dummy = torch.empty((chunks,), dtype=torch.int32, device=dev)  # carries the grid size only
-    hist = torch.zeros((t, NBUCKETS), dtype=torch.int32, device=dev)
-    thr = torch.empty((t, 2), dtype=torch.int32, device=dev)
-    cnt = torch.zeros((t, 2), dtype=torch.int32, device=dev)
-    cand_v = torch.empty((t, span), dtype=torch.float32, device=dev)
-    cand_i = torch.empty((t, span), dtype=torch.int32, device=dev)
-    launch(_hist_kernel(hi, di, page_size), q8, weights, kv, ks, page_table, token_request, visible, hist, dummy)
-    launch(_threshold_kernel(topk), hist, thr)
+    chunks = max(1, -(-max_visible // (page_size * CHUNK_PAGES)))
+    cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
+    cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
     launch(
-        _select_kernel(hi, di, page_size),
-        q8, weights, kv, ks, page_table, token_request, visible, thr, cnt, cand_v, cand_i, out, dummy,
+        _chunk_topk_kernel(hi, di, page_size, topk),
+        q8, weights, kv, ks, page_table, token_request, visible, cand_v, cand_i,
     )  # fmt: skip
-    launch(_finish_kernel(topk, page_size), page_table, token_request, visible, thr, cnt, cand_v, cand_i, out, lens)
+    launch(_topk_merge_kernel(topk, page_size), cand_v, cand_i, page_table, token_request, visible, out, lens)
     return out, lens
 
 
@@ -495,6 +558,8 @@ def index_topk_fused(
     _check(q8, cache)
     if not 1 <= topk <= width:
         raise ValueError(f"topk: expected 1..width={width}, got {topk}")
+    if topk > CHUNK_PAGES * cache.page_size:
+        raise ValueError(f"topk: the fused TileLang top-k supports at most {CHUNK_PAGES * cache.page_size}, got {topk}")
     if max_visible is None:
         max_visible = page_table.shape[1] * cache.page_size
     return tl_index_topk_fused(
