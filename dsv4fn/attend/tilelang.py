@@ -426,12 +426,12 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
                           acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
-                        fac[i] = T.if_then_else(sumexp[i] > 0, 1.0 / sumexp[i], 0.0)
+                        fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
                 else:
                     for i in T.Parallel(HB):
                         alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
                         fac[i] = T.if_then_else(
-                            sumexp[i] > 0,
+                            sumexp[i] != 0,
                             1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i]))),
                             0.0,
                         )
@@ -444,7 +444,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
                     for i in T.Parallel(HB):
                         if h0 + i < h:
                             L[b, sq, sp, h0 + i] = T.if_then_else(
-                                sumexp[i] > 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
+                                sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
                             )
                 else:
                     for i, d in T.Parallel(HB, DH):
@@ -452,7 +452,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
                             Out[b, sq, h0 + i, d] = T.cast(acc_o[i, d] * fac[i], bf16)
                     for i in T.Parallel(HB):
                         if h0 + i < h:
-                            L[b, h0 + i, sq] = T.if_then_else(sumexp[i] > 0, alpha[i], T.infinity(f32))
+                            L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
             elif tx < 256:
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
@@ -665,11 +665,11 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
                             b, sq, h0, sp, NS, acc_o, sumexp, m_i)  # fmt: skip
                 for i, dd in T.Parallel(HB, D):
                     if h0 + i < h:
-                        Opart[b, sq, sp, h0 + i, dd] = T.if_then_else(sumexp[i] > 0, acc_o[i, dd] / sumexp[i], 0.0)
+                        Opart[b, sq, sp, h0 + i, dd] = T.if_then_else(sumexp[i] != 0, acc_o[i, dd] / sumexp[i], 0.0)
                 for i in T.Parallel(HB):
                     if h0 + i < h:
                         Lpart[b, sq, sp, h0 + i] = T.if_then_else(
-                            sumexp[i] > 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
+                            sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
                         )
 
         return attend_partial
@@ -705,7 +705,7 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
             for i in T.Parallel(HB):
                 lse[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2
                 factor[i] = T.if_then_else(
-                    sumexp[i] > 0,
+                    sumexp[i] != 0,
                     1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - lse[i]))),
                     0.0,
                 )
@@ -714,7 +714,7 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
                     O[b, sq, h0 + i, dd] = T.cast(acc_o[i, dd] * factor[i], bf16)
             for i in T.Parallel(HB):
                 if h0 + i < h:
-                    Lse[b, h0 + i, sq] = T.if_then_else(sumexp[i] > 0, lse[i], T.infinity(f32))
+                    Lse[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, lse[i], T.infinity(f32))
 
     return attend_direct
 
@@ -757,10 +757,10 @@ def build_combine(h: int, d: int):
                         0.0,
                         T.exp2(Lpart[b, sq, s, hh] - lse2) * Opart[b, sq, s, hh, dd],
                     )
-            fac = T.if_then_else(tot > 0, 1.0 / (1.0 + T.exp(Sink[hh] - lse2 * LN2)), 0.0)
+            fac = T.if_then_else(tot != 0, 1.0 / (1.0 + T.exp(Sink[hh] - lse2 * LN2)), 0.0)
             for dd in T.Parallel(d):
                 O[b, sq, hh, dd] = T.cast(acc[dd] * fac, bf16)
-            Lse[b, hh, sq] = T.if_then_else(tot > 0, lse2 * LN2, T.infinity(f32))
+            Lse[b, hh, sq] = T.if_then_else(tot != 0, lse2 * LN2, T.infinity(f32))
 
     return attend_combine
 
