@@ -22,7 +22,10 @@ import torch
 BACKENDS = ("torch", "triton", "tilelang")
 _impls: dict[str, dict[str, Callable[..., Any]]] = {}
 _comparators: dict[str, Callable[[Any, Any], str | None]] = {}
-_auto_order: dict[str, tuple[str, ...]] = {}
+# steps whose fastest backend differs from AUTO_ORDER (bench/results/h200/results.csv, CUDA-graph replay, V4-Flash
+# decode at 64k: TileLang attention 13.2/24.4/35.1/45.1/89.1 us at b = 1/32/64/128/256, Triton
+# 13.9/27.9/47.0/67.4/130.8 us; the steps fall back along the list where a backend cannot take a call)
+_auto_order: dict[str, tuple[str, ...]] = {"attend": ("tilelang", "triton")}
 _loaded: set[tuple[str, str]] = set()
 # GPU preference when a step sets none: the fastest measured on the H100 (bench/results/h100). The
 # Triton kernels beat the TileLang ones at every measured size so far (attention 3-12x, logits 1.7x).
@@ -100,18 +103,22 @@ def _kernel_usable(backend: str, device: torch.device) -> bool:
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(step: str, backend: str | None, device: torch.device) -> tuple[str, Callable[..., Any]]:
+def resolve(
+    step: str, backend: str | None, device: torch.device, accepts: Callable[[str], bool] | None = None
+) -> tuple[str, Callable[..., Any]]:
+    """(name, implementation) of `backend` for `step`. `accepts(name)`: whether that backend can take this
+    call's shapes; "auto" skips the ones that cannot (an explicit backend raises in its own checks)."""
     name = backend or default_backend()
     if name.startswith("compare"):
         _, _, inner = name.partition(":")
-        inner_name, inner_fn = resolve(step, inner or "auto", device)
+        inner_name, inner_fn = resolve(step, inner or "auto", device, accepts)
         ref = resolve(step, "torch", device)[1]
         return f"compare:{inner_name}", _comparing(step, ref, inner_fn, inner_name)
     if name == "auto":
         if device.type == "cuda":
             for b in _auto_order.get(step, AUTO_ORDER):
                 _load(step, b)
-                if b in _impls.get(step, {}):
+                if b in _impls.get(step, {}) and (accepts is None or accepts(b)):
                     return b, _impls[step][b]
         name = "torch"
     if name not in BACKENDS:

@@ -27,6 +27,18 @@ def _check_cache(name: str, cache: PagedKVCache, d: int) -> None:
     require(cache.head_dim == d, f"{name}: head dim {cache.head_dim} != q head dim {d}")
 
 
+def _tilelang_fast(cache: PagedKVCache, extra: PagedKVCache | None) -> bool:
+    """Whether "auto" may pick the TileLang attention: its warp-specialized kernel takes the V4 geometry
+    (448 + 64, tile 64) on pages of whole 576-byte records, 16-byte aligned; other layouts would run its
+    legacy kernel, slower than Triton."""
+    return all(
+        (c.nope_dim, c.rope_dim, c.tile) == (448, 64, 64)
+        and c.data.stride(0) % 576 == 0
+        and (torch.compiler.is_compiling() or c.data.data_ptr() % 16 == 0)  # Dynamo cannot read data_ptr
+        for c in ((cache,) if extra is None else (cache, extra))
+    )
+
+
 def _check_lens(name: str, lens: Tensor | None, b: int) -> None:
     if lens is not None:
         check_tensor(name, lens, dtype=torch.int32, shape=(b,))
@@ -76,7 +88,9 @@ def attend(
             validate_range("lens", lens, 0, indices.shape[-1] + 1)
         if extra_lens is not None and extra_indices is not None:
             validate_range("extra_lens", extra_lens, 0, extra_indices.shape[-1] + 1)
-    _, fn = _backend.resolve("attend", backend, q.device)
+    _, fn = _backend.resolve(
+        "attend", backend, q.device, lambda b: b != "tilelang" or _tilelang_fast(cache, extra_cache)
+    )
     return fn(
         q,
         cache,
