@@ -17,8 +17,12 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout ${T_TRITON:-260} python -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
     tests/test_attend_triton.py tests/test_index_topk_triton.py tests/test_compress_triton.py \
     tests/test_norm_rope_triton.py tests/test_formats_triton.py tests/test_gpu_integration.py \
-    > "$out/gpu_tests_triton.txt" 2>&1
+    tests/test_robustness_gpu.py -k "not tilelang" > "$out/gpu_tests_triton.txt" 2>&1
   echo "triton gpu tests rc=$?"; tail -25 "$out/gpu_tests_triton.txt"
+  # the hypothesis properties are not `gpu`-marked (they run on CPU in CI): on CUDA they run compiled
+  timeout ${T_PROPS:-200} python -m pytest -q -p no:cacheprovider tests/test_properties.py \
+    > "$out/gpu_tests_properties.txt" 2>&1
+  echo "properties on GPU rc=$?"; tail -8 "$out/gpu_tests_properties.txt"
   timeout ${T_TL:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/test_tilelang_gpu.py \
     > "$out/gpu_tests_tilelang.txt" 2>&1
   echo "tilelang gpu tests rc=$?"; tail -15 "$out/gpu_tests_tilelang.txt"
