@@ -25,7 +25,7 @@ _comparators: dict[str, Callable[[Any, Any], str | None]] = {}
 # steps whose fastest backend differs from AUTO_ORDER (bench/results/h200/results.csv, CUDA-graph replay, V4-Flash
 # decode at 64k: TileLang attention 13.2/24.4/35.1/45.1/89.1 us at b = 1/32/64/128/256, Triton
 # 13.9/27.9/47.0/67.4/130.8 us; the steps fall back along the list where a backend cannot take a call)
-_auto_order: dict[str, tuple[str, ...]] = {"attend": ("tilelang", "triton")}
+_auto_order: dict[str, tuple[str, ...]] = {"attend": ("tilelang", "triton"), "index_logits": ("tilelang", "triton")}
 _loaded: set[tuple[str, str]] = set()
 # GPU preference when a step sets none: the fastest measured on the H100 (bench/results/h100). The
 # Triton kernels beat the TileLang ones at every measured size so far (attention 3-12x, logits 1.7x).

@@ -54,6 +54,16 @@ def _check(q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMe
     return meta.csa
 
 
+def _tilelang_logits_fast(backend: str, q8: Tensor, cache: IndexerKeyCache) -> bool:
+    """Whether "auto" may pick a backend for the logits: TileLang where it takes the geometry (page 64, dim 128,
+    16..256 heads in steps of 16) and wins (H200, bench/results/h200: 22.6 / 44.4 / 79.0 / 144.1 us at t = 32 /
+    64 / 128 / 256 against Triton's 26.7 / 48.7 / 91.4 / 175.9; at t = 1 Triton takes 2.5 us, TileLang 11.5)."""
+    if backend != "tilelang":
+        return True
+    hi = q8.shape[1]
+    return q8.shape[0] >= 32 and cache.page_size == 64 and cache.dim == 128 and hi % 16 == 0 and 16 <= hi <= 256
+
+
 def logits_width(meta: DSV4AttnMetadata) -> int:
     """Columns of the logits buffer: the longest visible list rounded up to a cache page."""
     assert meta.csa is not None
@@ -66,7 +76,7 @@ def index_logits(
 ) -> Tensor:
     """fp32 `[t, width]` logits `s_k · Σ_h w'_h · relu(q8_h · k8_j)` for `j < visible[t]`, −inf after."""
     csa = _check(q8, weights, cache, meta)
-    _, fn = _backend.resolve("index_logits", backend, q8.device)
+    _, fn = _backend.resolve("index_logits", backend, q8.device, lambda b: _tilelang_logits_fast(b, q8, cache))
     return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, logits_width(meta))
 
 
