@@ -67,3 +67,23 @@ def test_compress_refuses_positions_going_backwards(monkeypatch):
     state, _, cache = compress(p, state, x[5:6], plan(CFG, [5], [1], pt, sw, slots), cache, freqs, backend="torch")
     with pytest.raises(ValueError, match=r"meta\.prefix_lens: request 0 \(state slot 0\) starts at position 3"):
         compress(p, state, x[3:4], plan(CFG, [3], [1], pt, sw, slots), cache, freqs, backend="torch")
+
+
+def test_norm_rope_helpers_name_bad_arguments():
+    from dsv4fn import apply_rope, hadamard, norm_rope, rms_normalize
+
+    x = torch.randn(3, 4, 64)
+    cos, sin = torch.randn(3, 1, 16), torch.randn(3, 1, 16)
+    assert norm_rope(x, None, 1e-6, cos, sin).shape == x.shape  # valid calls still work
+    with pytest.raises(TypeError, match=r"x: expected a floating-point tensor, got torch.int32"):
+        rms_normalize(torch.zeros(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weight: expected shape \[64\], got \[32\]"):
+        rms_normalize(x, torch.ones(32))
+    with pytest.raises(ValueError, match=r"sin: expected the shape of cos"):
+        apply_rope(x, cos, sin[..., :8])
+    with pytest.raises(ValueError, match=r"cos: expected a last dim of 1\.\.32"):
+        apply_rope(x, torch.randn(3, 1, 40), torch.randn(3, 1, 40))
+    with pytest.raises(ValueError, match=r"cos: leading dims \[5, 1\] do not broadcast"):
+        norm_rope(x, None, 1e-6, torch.randn(5, 1, 16), torch.randn(5, 1, 16))
+    with pytest.raises(ValueError, match=r"power of two for the Hadamard transform, got 48"):
+        hadamard(torch.randn(2, 48))
