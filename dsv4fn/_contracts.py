@@ -11,6 +11,7 @@ Tier 3 (`DSV4FN_VALIDATE=1`): `validating()` guards device-synchronising value c
   range, lengths consistent, donated state reused); refused during CUDA-graph capture.
 """
 
+import contextlib
 import functools
 import inspect
 import os
@@ -121,11 +122,20 @@ def _check_value(where: str, value: Any, hint: Any) -> None:
         _check_dataclass(where, value)
 
 
+# dataclasses whose annotated dims are their own (a call may pass two caches of different sizes, e.g. attend's
+# window and compressed caches): their fields are checked in a fresh dim memo, not the call's
+_LOCAL_DIMS = frozenset({"PagedKVCache", "IndexerKeyCache"})
+
+
 def _check_dataclass(where: str, obj: Any) -> None:
+    import jaxtyping
+
     hints = _hints(type(obj))
-    for name in type(obj).__dataclass_fields__:
-        if name in hints:
-            _check_value(f"{where}.{name}", getattr(obj, name), hints[name])
+    local = type(obj).__name__ in _LOCAL_DIMS
+    with jaxtyping.jaxtyped("context") if local else contextlib.nullcontext():
+        for name in type(obj).__dataclass_fields__:
+            if name in hints:
+                _check_value(f"{where}.{name}", getattr(obj, name), hints[name])
     inv = getattr(obj, "_invariants", None)
     if inv is not None:
         errors = inv()

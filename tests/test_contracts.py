@@ -74,11 +74,32 @@ except Exception as e:
     assert "ContractError" in r.stdout and "indices" in r.stdout and "'b': 3" in r.stdout, r.stdout + r.stderr
 
 
+def test_debug_mode_runs_whole_csa_and_hca_layers():
+    """Tier 2 over real steps: attend with two caches of different sizes (their dims are their own), the
+    indexer steps, compress; the outputs equal the off mode's."""
+    code = (
+        SETUP
+        + """
+torch.manual_seed(0)
+x = torch.randn(meta.num_tokens, cfg.hidden_size).bfloat16()
+for layer in (1, 2):
+    p = D.init_layer_params(cfg, layer)
+    st = D.init_layer_state(cfg, layer, num_blocks=8, num_swa_pages=16, num_slots=2)
+    out, _, _ = D.attention_layer(cfg, p, st, x, meta)
+    print(layer, float(out.float().abs().sum()))
+"""
+    )
+    on, off = _run(code, DSV4FN_DEBUG="1"), _run(code)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert on.stdout == off.stdout and on.stdout.count("\n") == 2, on.stdout + off.stdout
+
+
 def test_debug_catches_state_invariant():
     r = _run(
         SETUP
         + """
 bad = D.KVAndScore(kv=st.comp_state.kv[:, :4], score=st.comp_state.score[:, :4], ratio=4, dim=64, overlap=True)
+torch.manual_seed(0)
 x = torch.randn(meta.num_tokens, cfg.hidden_size).bfloat16()
 try:
     D.compress(p.compressor, bad, x, meta, st.compressed, p.freqs)
@@ -101,6 +122,7 @@ try:
     D.attend(q, st.swa, idx, meta.window_lens, sink=p.sink)
 except ValueError as e:
     print("A", e)
+torch.manual_seed(0)
 x = torch.randn(meta.num_tokens, cfg.hidden_size).bfloat16()
 s1, _, c = D.compress(p.compressor, st.comp_state, x, meta, st.compressed, p.freqs)
 try:

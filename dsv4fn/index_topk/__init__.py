@@ -1,6 +1,7 @@
 """`index_topk`: the lightning indexer — FP8 paged MQA logits over visible CSA entries, then top-k."""
 
 import torch
+from jaxtyping import Float8e4m3fn, Float32, Int32
 from torch import Tensor
 
 from .. import _backend
@@ -8,6 +9,7 @@ from .._contracts import (
     check_page_layout,
     check_same_device,
     check_tensor,
+    contract,
     require,
     validate_capacity,
     validate_range,
@@ -71,9 +73,15 @@ def logits_width(meta: DSV4AttnMetadata) -> int:
     return max(page, -(-(meta.max_seq_len // meta.csa.ratio) // page) * page)
 
 
+@contract
 def index_logits(
-    q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMetadata, *, backend: str | None = None
-) -> Tensor:
+    q8: Float8e4m3fn[Tensor, "t hi di"],
+    weights: Float32[Tensor, "t hi"],
+    cache: IndexerKeyCache,
+    meta: DSV4AttnMetadata,
+    *,
+    backend: str | None = None,
+) -> Float32[Tensor, "t width"]:
     """fp32 `[t, width]` logits `s_k · Σ_h w'_h · relu(q8_h · k8_j)` for `j < visible[t]`, −inf after."""
     csa = _check(q8, weights, cache, meta)
     _, fn = _backend.resolve("index_logits", backend, q8.device, lambda b: _tilelang_logits_fast(b, q8, cache))
@@ -92,15 +100,16 @@ def _fused_topk(backend: str | None, device: torch.device):
         return None
 
 
+@contract
 def index_topk(
-    q8: Tensor,
-    weights: Tensor,
+    q8: Float8e4m3fn[Tensor, "t hi di"],
+    weights: Float32[Tensor, "t hi"],
     cache: IndexerKeyCache,
     meta: DSV4AttnMetadata,
     *,
     topk: int | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Int32[Tensor, "t k"], Int32[Tensor, " t"]]:
     """Top-k CSA entries per query token: (cache slots int32 `[t, pad(topk)]`, −1 padded; lengths
     int32 `[t]` = min(visible, topk)). Rows with `visible <= topk` select all entries in order."""
     csa = _check(q8, weights, cache, meta)
