@@ -4,10 +4,11 @@
 """
 
 import torch
+from jaxtyping import BFloat16, Float, Int32
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_page_layout, check_same_device, check_tensor, validate_range, validating
+from .._contracts import check_page_layout, check_same_device, check_tensor, contract, validate_range, validating
 from ..state import IndexerKeyCache, PagedKVCache
 from . import indexer_fp8, model1
 
@@ -15,7 +16,10 @@ _backend.register("store_model1", "torch")(model1.store)
 _backend.register("store_indexer", "torch")(indexer_fp8.store)
 
 
-def store_kv(cache: PagedKVCache, x: Tensor, loc: Tensor, *, backend: str | None = None) -> PagedKVCache:
+@contract
+def store_kv(
+    cache: PagedKVCache, x: BFloat16[Tensor, "n d"], loc: Int32[Tensor, " n"], *, backend: str | None = None
+) -> PagedKVCache:
     """FP8-quantize bf16 rows `x [n, d]` into the MODEL1 cache at slots `loc [n]` (−1 skipped). Donates."""
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(None, cache.head_dim), last_dim_contiguous=True)
     check_tensor("loc", loc, dtype=torch.int32, shape=(x.shape[0],))
@@ -27,7 +31,10 @@ def store_kv(cache: PagedKVCache, x: Tensor, loc: Tensor, *, backend: str | None
     return fn(cache, x, loc)
 
 
-def store_index_keys(cache: IndexerKeyCache, k: Tensor, loc: Tensor, *, backend: str | None = None) -> IndexerKeyCache:
+@contract
+def store_index_keys(
+    cache: IndexerKeyCache, k: Float[Tensor, "n dim"], loc: Int32[Tensor, " n"], *, backend: str | None = None
+) -> IndexerKeyCache:
     """FP8-quantize keys `k [n, dim]` (per-key fp32 scale) into the indexer cache at `loc`. Donates."""
     check_tensor("k", k, dtype=(torch.bfloat16, torch.float32), ndim=2, shape=(None, cache.dim))
     check_tensor("loc", loc, dtype=torch.int32, shape=(k.shape[0],))
