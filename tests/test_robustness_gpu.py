@@ -41,11 +41,11 @@ Which results are bitwise batch-invariant (asserted with torch.equal on the raw 
   both backends — its projections are GEMMs (cuBLAS bf16->fp32 for Triton, fp64 then rounded to fp32 for the
   reference) whose kernel choice depends on the row count, so a row's projection may differ in its last
   bits; torch norm/RoPE on CUDA (torch picks its row-reduction strategy from the tensor shape).
-* TileLang `index_topk_fused`: the selected SET and the lengths are deterministic and batch-invariant, the
-  ORDER of the entries above the threshold bucket is not (they are placed through atomic slot counters);
-  rows with visible <= top-k are exact, in order.
+* TileLang `index_topk_fused`: the selected SET and the lengths are checked bitwise; the order is deterministic
+  by construction since the two-launch rewrite (chunk-local selects merged in chunk order, no atomic slots)
+  but only the set is asserted here; rows with visible <= top-k are exact, in order.
 
-Status: written without a GPU; "H100: pending" in the README until the lead's run. TileLang cases live in
+Status: passes on an H200 (bench/results/h200/gpu_tests_*.txt); not yet run on an H100. TileLang cases live in
 `TestTileLang` (slow first compiles): `-k "not tilelang"` deselects them.
 """
 
