@@ -1,5 +1,6 @@
 """Pieces every Triton kernel module shares: the interpreter switch and exact bf16 rounding."""
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +20,18 @@ try:  # torch >= 2.6 (the switch the registered op itself uses in eager mode)
     from torch._library.triton import set_wrap_triton_enabled as _plain_launch
 except ImportError:  # pragma: no cover
     _plain_launch = None
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached); 0 for other devices (callers pick their CPU default)."""
+    if device.type != "cuda":
+        return 0
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def triton_op(name: str, *, mutates_args: Iterable[str] | str) -> Callable[[Callable[..., Any]], Any]:

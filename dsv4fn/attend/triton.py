@@ -23,15 +23,13 @@ The op is `dsv4fn::sparse_attn` (flat arguments); `sparse_attention_triton` adap
 signature and registers itself as the "triton" backend of the "attend" step.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import call_op, interpreting, triton_op
+from .._triton_common import call_op, interpreting, sm_count, triton_op
 from ..state import PagedKVCache
 
 # launch knobs of the adapter (bench/attend_dev.py sweeps them); read at call time. The defaults are the
@@ -352,11 +350,6 @@ def _sparse_attn_combine(
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _block_h(h: int) -> int:
     return min(64, max(16, triton.next_power_of_2(h)))
 
@@ -366,10 +359,7 @@ def default_num_splits(rows: int, h: int, k_total_tiles: int, device: torch.devi
     shapes only (CUDA-graph safe). Large batches run single-pass (no partial round trip)."""
     if k_total_tiles <= 1:
         return 1
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 8
+    sms = sm_count(device) or 8
     # one program per SM at these tile sizes (~130 KB shared memory): more splits than fit in one wave
     # cost a second wave (measured on the H100: b=32 with 4 splits 37 us, with 5 splits 49 us)
     programs = rows * triton.cdiv(h, _block_h(h))

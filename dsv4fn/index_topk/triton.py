@@ -20,15 +20,13 @@ grids depend only on shapes and static sizes):
   slots through the page table. No sort. Positions `>= min(visible, topk)` are −1.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import call_op, interpreting, triton_op
+from .._triton_common import call_op, interpreting, sm_count, triton_op
 from ..state import IndexerKeyCache
 
 _INTERPRET = interpreting()
@@ -125,18 +123,11 @@ def _paged_logits_kernel(
         tl.store(out_row + col, logit, mask=col < width)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _logits_iters(t: int, width: int, rows: int, iters_max: int, device: torch.device) -> int:
     """Tiles per program: `iters_max` (fewer programs, q loaded once per chunk) unless that leaves fewer
     than two programs per SM (small batches: b=1 with 16k keys would run 16 programs); then halve it.
     From shapes only (CUDA-graph safe); at most log2(iters_max) + 1 compiled variants."""
-    sms = 132
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device) or 132
     tiles = triton.cdiv(width, rows)
     iters = max(1, iters_max)
     while iters > 1 and t * triton.cdiv(tiles, iters) < 2 * sms:
@@ -252,6 +243,43 @@ def _order_key(x):
 
 
 @triton.jit
+def _load_keys(row_ptr, j, n):
+    """Order keys of the logits at columns `j` (< n valid) of one row, and the validity mask."""
+    valid = j < n
+    return _order_key(tl.load(row_ptr + j, mask=valid, other=0.0)), valid
+
+
+@triton.jit
+def _block_hist(key, valid, prefix, HI_SHIFT: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """Histogram of the digit (bits SHIFT..SHIFT+BITS) of the valid keys whose bits above HI_SHIFT equal
+    `prefix` (HI_SHIFT 32: every valid key)."""
+    if HI_SHIFT < 32:
+        match = valid & ((key >> HI_SHIFT) == prefix)
+    else:
+        match = valid
+    digit = tl.where(match, (key >> SHIFT) & ((1 << BITS) - 1), 0).to(tl.int32)
+    # non-matching lanes are counted in bin 0: take them out again
+    miss = key.shape[0] - tl.sum(match.to(tl.int32), axis=0)
+    return tl.histogram(digit, 1 << BITS) - tl.where(tl.arange(0, 1 << BITS) == 0, miss, 0)
+
+
+@triton.jit
+def _place(key, valid, j, thr, base_gt, base_eq, topk, pt_row, out_row, PAGE: tl.constexpr):
+    """Write the slots of a block's keys above `thr` from output position `base_gt` on, and of its keys
+    equal to `thr` from `base_eq` on while below `topk` (index order both); returns the two counts."""
+    is_gt = valid & (key > thr)
+    is_eq = valid & (key == thr)
+    gi = is_gt.to(tl.int32)
+    ei = is_eq.to(tl.int32)
+    pos_eq = base_eq + tl.cumsum(ei, axis=0) - 1
+    sel = is_gt | (is_eq & (pos_eq < topk))
+    pos = tl.where(is_gt, base_gt + tl.cumsum(gi, axis=0) - 1, pos_eq)
+    page = tl.load(pt_row + j // PAGE, mask=sel, other=0)
+    tl.store(out_row + pos, page * PAGE + j % PAGE, mask=sel)
+    return tl.sum(gi, axis=0), tl.sum(ei, axis=0)
+
+
+@triton.jit
 def _radix_round(
     row_ptr,
     n,
@@ -264,23 +292,11 @@ def _radix_round(
 ):
     """One radix round: the digit (bits SHIFT..SHIFT+BITS) of the k_rem-th largest key among keys whose
     bits above HI_SHIFT equal `prefix`. Returns (prefix extended by the digit, new k_rem)."""
-    NB: tl.constexpr = 1 << BITS
     offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, NB)
-    hist = tl.zeros((NB,), dtype=tl.int32)
+    hist = tl.zeros((1 << BITS,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
-        j = start + offs
-        valid = j < n
-        key = _order_key(tl.load(row_ptr + j, mask=valid, other=0.0))
-        if HI_SHIFT < 32:
-            match = valid & ((key >> HI_SHIFT) == prefix)
-        else:
-            match = valid
-        digit = tl.where(match, (key >> SHIFT) & (NB - 1), 0).to(tl.int32)
-        h = tl.histogram(digit, NB)
-        # non-matching lanes were counted in bin 0: take them out again
-        miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-        hist += h - tl.where(bins == 0, miss, 0)
+        key, valid = _load_keys(row_ptr, start + offs, n)
+        hist += _block_hist(key, valid, prefix, HI_SHIFT, SHIFT, BITS)
     return _pick_digit(hist, prefix, k_rem, BITS)
 
 
@@ -366,20 +382,10 @@ def _topk_kernel(
         cnt_eq = 0
         for start in range(0, n, BLOCK):
             j = start + offs
-            valid = j < n
-            key = _order_key(tl.load(row_ptr + j, mask=valid, other=0.0))
-            is_gt = valid & (key > thr)
-            is_eq = valid & (key == thr)
-            gi = is_gt.to(tl.int32)
-            ei = is_eq.to(tl.int32)
-            pos_gt = cnt_gt + tl.cumsum(gi, axis=0) - 1
-            pos_eq = n_gt + cnt_eq + tl.cumsum(ei, axis=0) - 1
-            sel = is_gt | (is_eq & (pos_eq < topk))
-            pos = tl.where(is_gt, pos_gt, pos_eq)
-            page = tl.load(pt_row + j // PAGE, mask=sel, other=0)
-            tl.store(out_row + pos, page * PAGE + j % PAGE, mask=sel)
-            cnt_gt += tl.sum(gi, axis=0)
-            cnt_eq += tl.sum(ei, axis=0)
+            key, valid = _load_keys(row_ptr, j, n)
+            c_gt, c_eq = _place(key, valid, j, thr, cnt_gt, n_gt + cnt_eq, topk, pt_row, out_row, PAGE)
+            cnt_gt += c_gt
+            cnt_eq += c_eq
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,18 +431,9 @@ def _topk_split_hist_kernel(
     if (vis > topk) & (j0 < n):
         hist_row = hist_ptr + row.to(tl.int64) * (4 * NB)
         prefix, _ = _replay_rounds(hist_row, topk, ROUND, NB, B0, B1, B2, B3)
-        j = j0 + tl.arange(0, CHUNK)
-        valid = j < n
-        key = _order_key(tl.load(logits_ptr + row.to(tl.int64) * n_cols + j, mask=valid, other=0.0))
-        if HI_SHIFT < 32:
-            match = valid & ((key >> HI_SHIFT) == prefix)
-        else:
-            match = valid
-        digit = tl.where(match, (key >> SHIFT) & ((1 << BITS) - 1), 0).to(tl.int32)
-        bins = tl.arange(0, 1 << BITS)
-        miss = CHUNK - tl.sum(match.to(tl.int32), axis=0)
-        h = tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, miss, 0)
-        tl.atomic_add(hist_row + ROUND * NB + bins, h, mask=h > 0, sem="relaxed")
+        key, valid = _load_keys(logits_ptr + row.to(tl.int64) * n_cols, j0 + tl.arange(0, CHUNK), n)
+        h = _block_hist(key, valid, prefix, HI_SHIFT, SHIFT, BITS)
+        tl.atomic_add(hist_row + ROUND * NB + tl.arange(0, 1 << BITS), h, mask=h > 0, sem="relaxed")
 
 
 @triton.jit
@@ -451,9 +448,7 @@ def _topk_split_count_kernel(
     j0 = chunk * CHUNK
     if (vis > topk) & (j0 < n):
         thr, _ = _replay_rounds(hist_ptr + row.to(tl.int64) * (4 * NB), topk, 4, NB, B0, B1, B2, B3)
-        j = j0 + tl.arange(0, CHUNK)
-        valid = j < n
-        key = _order_key(tl.load(logits_ptr + row.to(tl.int64) * n_cols + j, mask=valid, other=0.0))
+        key, valid = _load_keys(logits_ptr + row.to(tl.int64) * n_cols, j0 + tl.arange(0, CHUNK), n)
         c = counts_ptr + (row.to(tl.int64) * n_chunks + chunk) * 2
         tl.store(c, tl.sum((valid & (key > thr)).to(tl.int32), axis=0))
         tl.store(c + 1, tl.sum((valid & (key == thr)).to(tl.int32), axis=0))
@@ -489,16 +484,8 @@ def _topk_split_write_kernel(
         c_row = counts_ptr + row.to(tl.int64) * n_chunks * 2
         base_gt = tl.sum(tl.load(c_row + cc * 2, mask=before, other=0), axis=0)
         base_eq = tl.sum(tl.load(c_row + cc * 2 + 1, mask=before, other=0), axis=0)
-        valid = j < n
-        key = _order_key(tl.load(logits_ptr + row.to(tl.int64) * n_cols + j, mask=valid, other=0.0))
-        is_gt = valid & (key > thr)
-        is_eq = valid & (key == thr)
-        pos_gt = base_gt + tl.cumsum(is_gt.to(tl.int32), axis=0) - 1
-        pos_eq = (topk - k_rem) + base_eq + tl.cumsum(is_eq.to(tl.int32), axis=0) - 1
-        sel = is_gt | (is_eq & (pos_eq < topk))
-        pos = tl.where(is_gt, pos_gt, pos_eq)
-        page = tl.load(pt_row + j // PAGE, mask=sel, other=0)
-        tl.store(out_row + pos, page * PAGE + j % PAGE, mask=sel)
+        key, valid = _load_keys(logits_ptr + row.to(tl.int64) * n_cols, j, n)
+        _place(key, valid, j, thr, base_gt, (topk - k_rem) + base_eq, topk, pt_row, out_row, PAGE)
 
 
 def _topk_split(logits, visible, page_table, token_request, out, lens, topk, width, page_size, bits, chunk):
