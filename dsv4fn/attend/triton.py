@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import call_op, interpreting, sm_count, triton_op
+from .._triton_common import call_op, cdiv, interpreting, next_pow2, sm_count, triton_op
 from ..state import PagedKVCache
 
 # launch knobs of the adapter (bench/attend_dev.py sweeps them); read at call time. The defaults are the
@@ -351,7 +351,7 @@ def _sparse_attn_combine(
 
 
 def _block_h(h: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(h)))
+    return min(64, max(16, next_pow2(h)))
 
 
 def default_num_splits(rows: int, h: int, k_total_tiles: int, device: torch.device) -> int:
@@ -362,7 +362,7 @@ def default_num_splits(rows: int, h: int, k_total_tiles: int, device: torch.devi
     sms = sm_count(device) or 8
     # one program per SM at these tile sizes (~130 KB shared memory): more splits than fit in one wave
     # cost a second wave (measured on the H100: b=32 with 4 splits 37 us, with 5 splits 49 us)
-    programs = rows * triton.cdiv(h, _block_h(h))
+    programs = rows * cdiv(h, _block_h(h))
     # long lists (a 1M-token HCA row has 130 tiles): at least 4 tiles a split beyond 16 splits, so the
     # fp32 partials (h x d x 4 bytes a split, 128 KB at h=64) stay below the ~37 KB x tiles of cache read
     return max(1, min(k_total_tiles, sms // programs, max(16, k_total_tiles // 4)))
@@ -376,7 +376,7 @@ def _geometry(nope: int, rope: int, tile: int) -> tuple[int, int, int, int, int]
     if rope <= 0 or rope % 2:
         raise ValueError(f"cache: rope_dim {rope} must be positive and even")
     nt = nope // tile
-    nt_p = triton.next_power_of_2(nt + triton.cdiv(rope, tile))
+    nt_p = next_pow2(nt + cdiv(rope, tile))
     if nt_p * tile < nope + rope or nt_p * tile - (nope + rope) >= tile:
         raise ValueError(f"cache: nope {nope} + rope {rope} does not tile by {tile}")
     rec = nope + 2 * rope
@@ -422,10 +422,10 @@ def sparse_attn(
     k1 = idx1.shape[-1]
     has_extra = kv2 is not None and idx2 is not None
     k2 = idx2.shape[-1] if has_extra and idx2 is not None else 0
-    total_tiles = triton.cdiv(k1, block_n) + triton.cdiv(k2, block_n)
+    total_tiles = cdiv(k1, block_n) + cdiv(k2, block_n)
     splits = max(1, min(int(num_splits), max(total_tiles, 1)))
-    tps = max(1, triton.cdiv(total_tiles, splits))
-    splits = max(1, triton.cdiv(total_tiles, tps))
+    tps = max(1, cdiv(total_tiles, splits))
+    splits = max(1, cdiv(total_tiles, tps))
     block_h = block_h if block_h > 0 else _block_h(h)
     interp = interpreting()
 
@@ -441,7 +441,7 @@ def sparse_attn(
     else:
         o_dst = torch.empty((rows, splits, h, d), dtype=torch.float32, device=q.device)
         lse_dst = torch.empty((rows, splits, h), dtype=torch.float32, device=q.device)
-    grid = (rows * splits * triton.cdiv(h, block_h),)
+    grid = (rows * splits * cdiv(h, block_h),)
     torch.library.wrap_triton(_sparse_attn_fwd)[grid](
         q,
         q.stride(0),
@@ -498,8 +498,8 @@ def sparse_attn(
             s_q,
             splits,
             D=d,
-            DP=triton.next_power_of_2(d),
-            SPLITS_P=max(2, triton.next_power_of_2(splits)),
+            DP=next_pow2(d),
+            SPLITS_P=max(2, next_pow2(splits)),
             CHUNK=4,
             HAS_SINK=sink is not None,
             num_warps=4,
@@ -583,7 +583,7 @@ def sparse_attention_triton(
     cfg = ATTN_CONFIG
     block_n = cfg["block_n"]
     if num_splits is None:
-        tiles = triton.cdiv(indices.shape[-1], block_n) + triton.cdiv(k2, block_n)
+        tiles = cdiv(indices.shape[-1], block_n) + cdiv(k2, block_n)
         num_splits = default_num_splits(b * s_q, h, tiles, q.device)
     return call_op(
         sparse_attn,

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._linear import linear_fp32
-from .._triton_common import call_op, f32_to_bf16_bits, interpreting, triton_op
+from .._triton_common import call_op, cdiv, f32_to_bf16_bits, interpreting, next_pow2, triton_op
 from ..state import DSV4AttnMetadata, KVAndScore
 
 if interpreting():
@@ -470,12 +470,12 @@ def _num_warps(dc: int) -> int:
 def _blocks(ratio: int, coff: int, dc: int) -> tuple[int, int, int, int]:
     """(BLOCK_C, BH, BLOCK_R, BLOCK_W): candidate tiles of <= 8 fp32 elements per thread (they
     live as kv and score, even and odd halves), state tiles of 2K elements."""
-    bh = triton.next_power_of_2(max(dc // 2, 1))
+    bh = next_pow2(max(dc // 2, 1))
     per_tile = 8 * 32 * _num_warps(dc)
-    block_c = min(triton.next_power_of_2(coff * ratio), max(2, per_tile // bh))
+    block_c = min(next_pow2(coff * ratio), max(2, per_tile // bh))
     w = coff * dc
-    block_w = min(triton.next_power_of_2(w), 256)
-    block_r = max(1, min(triton.next_power_of_2(coff * ratio), 2048 // block_w))
+    block_w = min(next_pow2(w), 256)
+    block_r = max(1, min(next_pow2(coff * ratio), 2048 // block_w))
     return block_c, bh, block_r, block_w
 
 
@@ -512,7 +512,7 @@ def compress_windows(
         return entries, has_entry
     block_c, bh, block_r, block_w = _blocks(ratio, coff, dc)
     tok_block = tokens_per_program or (1 if t <= 512 else 4)  # long prefills: fewer, fuller programs
-    torch.library.wrap_triton(_compress_kernel)[(triton.cdiv(t, tok_block),)](
+    torch.library.wrap_triton(_compress_kernel)[(cdiv(t, tok_block),)](
         kv,
         score,
         ape,

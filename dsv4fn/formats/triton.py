@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._contracts import check_same_device
-from .._triton_common import call_op, triton_op
+from .._triton_common import call_op, next_pow2, triton_op
 from ..state import IndexerKeyCache, PagedKVCache
 
 
@@ -202,8 +202,8 @@ def store_model1_op(
         TILE=tile,
         NUM_TILES=num_tiles,
         SCALE_BYTES=scale_bytes,
-        SB_P2=triton.next_power_of_2(scale_bytes),
-        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
+        SB_P2=next_pow2(scale_bytes),
+        ROPE_P2=next_pow2(max(rope_dim, 1)),
         RECORD=record,
         num_warps=4,
     )
@@ -225,7 +225,7 @@ def store_indexer_keys_op(cache: Tensor, k: Tensor, loc: Tensor, page_size: int,
         cache.stride(0),
         P=page_size,
         DIM=dim,
-        DIM_P2=triton.next_power_of_2(dim),
+        DIM_P2=next_pow2(dim),
         K_BF16=k.dtype == torch.bfloat16,
         num_warps=1 if dim <= 256 else 4,
     )

@@ -83,7 +83,14 @@ def index_logits(
     backend: str | None = None,
 ) -> Float32[Tensor, "t width"]:
     """fp32 `[t, width]` logits `s_k · Σ_h w'_h · relu(q8_h · k8_j)` for `j < visible[t]`, −inf after."""
-    csa = _check(q8, weights, cache, meta)
+    return _logits(q8, weights, cache, meta, _check(q8, weights, cache, meta), backend)
+
+
+def _logits(
+    q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMetadata, csa: CompressedStreamMeta,
+    backend: str | None,
+) -> Tensor:  # fmt: skip
+    """`index_logits` after its checks (index_topk has made them already)."""
     _, fn = _backend.resolve("index_logits", backend, q8.device, lambda b: _tilelang_logits_fast(b, q8, cache))
     return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, logits_width(meta))
 
@@ -121,7 +128,7 @@ def index_topk(
             q8, weights, cache, meta.page_table, meta.token_request, csa.visible, k, csa.width,
             max_visible=logits_width(meta),
         )  # fmt: skip
-    logits = index_logits(q8, weights, cache, meta, backend=backend)
+    logits = _logits(q8, weights, cache, meta, csa, backend)
     _, fn = _backend.resolve("topk", backend, q8.device)
     return fn(logits, csa.visible, k, csa.width, meta.page_table, meta.token_request, csa.page_size)
 

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend
-from .._triton_common import call_op, interpreting, sm_count, triton_op
+from .._triton_common import call_op, cdiv, interpreting, next_pow2, sm_count, triton_op
 from ..state import IndexerKeyCache
 
 _INTERPRET = interpreting()
@@ -51,7 +51,7 @@ TOPK_CONFIG: dict[str, int] = {"block": 0, "radix_bits": 8, "num_warps": 16, "sp
 
 
 def _pow2(n: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+    return max(floor, next_pow2(max(int(n), 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,9 +128,9 @@ def _logits_iters(t: int, width: int, rows: int, iters_max: int, device: torch.d
     than two programs per SM (small batches: b=1 with 16k keys would run 16 programs); then halve it.
     From shapes only (CUDA-graph safe); at most log2(iters_max) + 1 compiled variants."""
     sms = sm_count(device) or 132
-    tiles = triton.cdiv(width, rows)
+    tiles = cdiv(width, rows)
     iters = max(1, iters_max)
-    while iters > 1 and t * triton.cdiv(tiles, iters) < 2 * sms:
+    while iters > 1 and t * cdiv(tiles, iters) < 2 * sms:
         iters //= 2
     return iters
 
@@ -156,7 +156,7 @@ def indexer_paged_logits(
     cfg = LOGITS_CONFIG
     rows = cfg["rows"]
     iters = _logits_iters(t, width, rows, cfg["iters"], q8.device)
-    grid = (t, triton.cdiv(width, rows * iters))
+    grid = (t, cdiv(width, rows * iters))
     torch.library.wrap_triton(_paged_logits_kernel)[grid](
         q8,
         weights,
@@ -490,7 +490,7 @@ def _topk_split_write_kernel(
 
 def _topk_split(logits, visible, page_table, token_request, out, lens, topk, width, page_size, bits, chunk):
     t, n_cols = logits.shape
-    n_chunks = triton.cdiv(max(n_cols, width), chunk)
+    n_chunks = cdiv(max(n_cols, width), chunk)
     nb = 1 << max(bits)
     hist = torch.zeros((t, 4, nb), dtype=torch.int32, device=logits.device)
     counts = torch.empty((t, n_chunks, 2), dtype=torch.int32, device=logits.device)
@@ -509,7 +509,7 @@ def _topk_split(logits, visible, page_table, token_request, out, lens, topk, wid
     )
     torch.library.wrap_triton(_topk_split_write_kernel)[grid](
         logits, visible, hist, counts, page_table, token_request, out, lens, n_cols, width, page_table.shape[1],
-        topk, n_chunks, PAGE=page_size, CHUNKS_P=max(2, triton.next_power_of_2(n_chunks)), **consts, num_warps=8,
+        topk, n_chunks, PAGE=page_size, CHUNKS_P=max(2, next_pow2(n_chunks)), **consts, num_warps=8,
     )  # fmt: skip
 
 

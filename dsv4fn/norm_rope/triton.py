@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._contracts import check_same_device
-from .._triton_common import call_op, f32_to_bf16_bits, interpreting, triton_op
+from .._triton_common import call_op, cdiv, f32_to_bf16_bits, interpreting, next_pow2, triton_op
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # elements of one program's [rows, cols] block
@@ -216,11 +216,11 @@ def _launch(
         return
     d = int(x2.shape[1])  # compile-time sizes: specialized (symbolic under dynamic tracing)
     half = int(cos2.shape[-1]) if (rope and cos2 is not None) else 0
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     block_r = max(1, _BLOCK_ELEMS // block_d)
     out_bf16 = out2.dtype == torch.bfloat16
     out_k = out2.view(torch.int16) if out_bf16 else out2
-    grid = (triton.cdiv(n_rows, block_r),)
+    grid = (cdiv(n_rows, block_r),)
     num_warps = 4 if block_r * block_d <= 4096 else 8
     torch.library.wrap_triton(_norm_rope_kernel)[grid](
         x2,
