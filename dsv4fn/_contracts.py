@@ -8,7 +8,9 @@ Tier 2 (`DSV4FN_DEBUG=1`, read once at import): `@contract` checks every annotat
   define `_invariants(self) -> list[str]` for relations jaxtyping cannot express. When off the
   decorator returns the function itself; it also steps aside while `torch.compile` traces.
 Tier 3 (`DSV4FN_VALIDATE=1`): `validating()` guards device-synchronising value checks (indices in
-  range, lengths consistent, donated state reused); refused during CUDA-graph capture.
+  range, lengths consistent) and the host-side donation record (`check_not_donated` / `mark_donated`: a
+  state object passed to a step that donates it must not be passed again); refused during CUDA-graph
+  capture, skipped while `torch.compile` traces. Off, each step pays one flag test.
 """
 
 import contextlib
@@ -208,16 +210,48 @@ def validate_range(name: str, t: torch.Tensor, lo: int, hi: int, *, allow: int |
         )
 
 
-_donated: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# donated state object -> the step it was donated to. Keyed by object identity: the state types are
+# `@pytree_dataclass`es (frozen, eq=False: hashed by identity, with a weakref slot), and an entry goes away with
+# its object, so a new object at a recycled address is never taken for an old one. A step returns *new*
+# objects that share storage with the donated ones: those are fresh states, the donated objects are spent.
+_donated: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
-def consume(name: str, state: Any) -> None:
-    """Mark a donated state as consumed; with VALIDATE, a second use raises."""
-    if not validating():
-        return
-    if state in _donated:
-        raise ValueError(f"{name}: this state was donated to an earlier step; use the state that step returned")
-    _donated.add(state)
+def check_not_donated(step: str, states: dict[str, Any]) -> None:
+    """Tier 3 (call only when `validating()`): raise if one of `states` (argument name -> state, None skipped)
+    was donated to an earlier step, or if one object is passed as two donated arguments. Marks nothing: the
+    step calls `mark_donated` once it has succeeded, so a call refused by a later check can be retried."""
+    seen: dict[int, str] = {}
+    for arg, s in states.items():
+        if s is None:
+            continue
+        try:
+            earlier = _donated.get(s)
+        except TypeError:  # not weakly referenceable / hashable: not a state type, nothing to track
+            continue
+        if earlier is not None:
+            raise ValueError(
+                f"{step}({arg}): this state was donated to an earlier step ({earlier}); use the state that step "
+                "returned"
+            )
+        other = seen.setdefault(id(s), arg)
+        if other != arg:
+            raise ValueError(
+                f"{step}({arg}): the same object as {other}; each donated argument must be a state of its own"
+            )
+
+
+def mark_donated(step: str, donated: Sequence[Any], returned: Sequence[Any] = ()) -> None:
+    """Tier 3 (call only when `validating()`): the step succeeded. `donated` are spent; `returned` (the
+    step's new states) are live, also where a backend handed back the very object it was given."""
+    for s in donated:
+        if s is not None:
+            with contextlib.suppress(TypeError):
+                _donated[s] = step
+    for s in returned:
+        if s is not None:
+            with contextlib.suppress(TypeError):
+                _donated.pop(s, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from jaxtyping import BFloat16, Float32
 from torch import Tensor
 
 from . import _backend
+from ._contracts import check_not_donated, check_tensor, mark_donated, require, validating
 from ._linear import grouped_linear_fp32, linear, linear_fp32
 from ._pytree import pytree_dataclass, static
 from .attend import attend
@@ -142,7 +143,35 @@ def attention_layer(
 
     Order (spec §2): q path; raw KV stored in the window cache; (CSA) indexer compressor, indexer
     query, top-k; attention compressor; sparse attention with sink; inverse RoPE; grouped output.
-    Donates `state`."""
+    Donates `state` and the caches and compressor states in it: with `DSV4FN_VALIDATE=1`, passing that
+    `LayerState` (or one of those fields) to a step again raises — use the returned state."""
+    require(isinstance(cfg, DSV4Config), f"cfg: expected a DSV4Config, got {type(cfg).__name__}", TypeError)
+    require(isinstance(params, LayerParams), f"params: expected a LayerParams, got {type(params).__name__}", TypeError)
+    require(isinstance(state, LayerState), f"state: expected a LayerState, got {type(state).__name__}", TypeError)
+    require(
+        isinstance(meta, DSV4AttnMetadata), f"meta: expected a DSV4AttnMetadata, got {type(meta).__name__}", TypeError
+    )
+    check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(meta.num_tokens, cfg.hidden_size))
+    if params.indexer is not None:
+        require(
+            state.index_state is not None and state.index_keys is not None,
+            "state: a CSA layer (params.indexer set) needs state.index_state and state.index_keys",
+        )
+    if params.compressor is not None:
+        require(
+            state.comp_state is not None and state.compressed is not None,
+            f"state: a compressed layer (ratio {params.ratio}) needs state.comp_state and state.compressed",
+        )
+    donated: dict[str, object] | None = None
+    if validating():
+        # the state and the fields this layer's steps donate (and replace in the returned state), checked
+        # before any step writes
+        donated = {"state": state, "state.swa": state.swa}
+        if params.indexer is not None:
+            donated |= {"state.index_state": state.index_state, "state.index_keys": state.index_keys}
+        if params.compressor is not None:
+            donated |= {"state.comp_state": state.comp_state, "state.compressed": state.compressed}
+        check_not_donated("attention_layer", donated)
     t = x.shape[0]
     h, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     # the reference path projects with batch-invariant fp64 GEMMs (chunking invariance is bitwise);
@@ -211,4 +240,7 @@ def attention_layer(
     else:
         u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).double(), params.wo_a.double()).float().to(torch.bfloat16)
     out = linear_(u.flatten(1), params.wo_b).to(torch.bfloat16)
+    if donated is not None:
+        fresh = (new, new.swa, new.compressed, new.index_keys, new.comp_state, new.index_state)
+        mark_donated("attention_layer", tuple(donated.values()), fresh)
     return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)

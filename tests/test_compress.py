@@ -36,7 +36,7 @@ def _run_steps(p: CompressorParams, xs: list[torch.Tensor], steps: list[list[int
     nb = len(xs)
     blocks = max(x.shape[0] for x in xs) // cfg.block_size + 2
     pt = torch.arange(nb * blocks, dtype=torch.int32).view(nb, blocks)
-    sw = torch.zeros(nb, 64, dtype=torch.int32)
+    sw = torch.arange(nb * 64, dtype=torch.int32).view(nb, 64)  # distinct window pages (VALIDATE checks)
     state = p.empty_state(nb)
     state.kv.normal_()  # garbage in a fresh slot must not matter
     cache = PagedKVCache.allocate(

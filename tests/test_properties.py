@@ -285,7 +285,8 @@ def _build_index(p: dict):
     nblk = -(-longest // cfg.block_size)
     spare = 3
     pt = torch.randperm(b * nblk + spare, generator=gen)[: b * nblk].to(torch.int32).view(b, nblk)
-    swa = torch.zeros(b, -(-longest // cfg.swa_page_size), dtype=torch.int32)
+    n_swa = -(-longest // cfg.swa_page_size)
+    swa = torch.arange(b * n_swa, dtype=torch.int32).view(b, n_swa)  # distinct pages (VALIDATE checks)
     meta = plan(cfg, p["prefix"], p["extend"], pt.to(DEV), swa.to(DEV))
     page = cfg.compressed_page_size(4)
     cache = IndexerKeyCache.allocate(b * nblk + spare, page, dim=cfg.index_head_dim, device=DEV)

@@ -5,7 +5,17 @@ from jaxtyping import BFloat16, Float32
 from torch import Tensor
 
 from .. import _backend
-from .._contracts import check_same_device, check_tensor, consume, contract, require, validate_positions
+from .._contracts import (
+    check_not_donated,
+    check_same_device,
+    check_tensor,
+    contract,
+    mark_donated,
+    require,
+    validate_positions,
+    validate_range,
+    validating,
+)
 from .._pytree import pytree_dataclass, static
 from ..formats import store_index_keys, store_kv
 from ..norm_rope.reference import hadamard
@@ -61,10 +71,20 @@ def compress(
     position, decode steps, mixed), RMS-normalizes with `params.norm`, rotates at `j·r`, and stores
     the entries at `meta.stream(r).write_loc`: FP8 MODEL1 records (attention compressor) or
     Hadamard-rotated FP8 keys (indexer compressor). Returns (new state, entries bf16 `[t, dc]` aligned
-    with the tokens that complete them — zero rows elsewhere — , new cache). Donates `state`, `cache`.
+    with the tokens that complete them — zero rows elsewhere — , new cache). Donates `state`, `cache` (with
+    `DSV4FN_VALIDATE=1`, passing either to a step again raises: use the returned ones).
     """
-    t = x.shape[0]
+    require(
+        isinstance(params, CompressorParams),
+        f"params: expected a CompressorParams, got {type(params).__name__}",
+        TypeError,
+    )
+    require(isinstance(state, KVAndScore), f"state: expected a KVAndScore, got {type(state).__name__}", TypeError)
+    require(
+        isinstance(meta, DSV4AttnMetadata), f"meta: expected a DSV4AttnMetadata, got {type(meta).__name__}", TypeError
+    )
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2, shape=(meta.num_tokens, params.wkv.shape[1]))
+    t = x.shape[0]
     require(
         state.ratio == params.ratio and state.dim == params.dim and state.overlap == params.overlap,
         f"state: (ratio, dim, overlap)=({state.ratio}, {state.dim}, {state.overlap}) does not match params "
@@ -80,8 +100,11 @@ def compress(
         )
     else:
         require(isinstance(cache, PagedKVCache), "cache: the attention compressor writes a PagedKVCache", TypeError)
-    consume("compress(state)", state)
-    validate_positions("meta.prefix_lens", state.kv, meta.state_slots, meta.prefix_lens, meta.extend_lens)
+    checking = validating()
+    if checking:
+        check_not_donated("compress", {"state": state, "cache": cache})
+        validate_range("meta.state_slots", meta.state_slots, 0, state.kv.shape[0])
+        validate_positions("meta.prefix_lens", state.kv, meta.state_slots, meta.prefix_lens, meta.extend_lens)
     _, fn = _backend.resolve("compress", backend, x.device)
     new_state, entries, _ = fn(params.wkv, params.wgate, params.ape, params.norm, state, x, meta, freqs, eps)
     assert entries.shape[0] == t
@@ -91,6 +114,8 @@ def compress(
     else:
         assert isinstance(cache, PagedKVCache)
         new_cache = store_kv(cache, entries, stream.write_loc, backend=backend)
+    if checking:
+        mark_donated("compress", (state, cache), (new_state, new_cache))
     return new_state, entries, new_cache
 
 
