@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
-PEERS = ("flashmla", "deepgemm", "torch.topk", "deepgemm+torch.topk")
+# "peer-pipeline": a whole layer step with DeepGEMM logits + torch.topk + FlashMLA + the reference
+# compressor (bench/peer_layer.py); "+triton-compress": the same with our compressor kernel (the stricter
+# baseline: only logits, top-k and attention differ); available when FlashMLA and DeepGEMM both are
+PEERS = ("flashmla", "deepgemm", "torch.topk", "deepgemm+torch.topk", "peer-pipeline", "peer-pipeline+triton-compress")
 # which peers each op is compared with
 OP_PEERS: dict[str, tuple[str, ...]] = {
     "attend": ("flashmla",),
@@ -31,6 +34,8 @@ OP_PEERS: dict[str, tuple[str, ...]] = {
     "index_logits": ("deepgemm",),
     "topk": ("torch.topk",),
     "index_topk": ("deepgemm+torch.topk",),
+    "layer_csa": ("peer-pipeline", "peer-pipeline+triton-compress"),
+    "layer_hca": ("peer-pipeline", "peer-pipeline+triton-compress"),
 }
 
 _state: dict[str, Any] = {}
@@ -241,4 +246,7 @@ def availability() -> dict[str, str]:
         except PeerMissing as e:
             out[name] = f"missing: {e}"
     out["deepgemm+torch.topk"] = out["deepgemm"]
+    missing = [f"{p} {out[p].removeprefix('missing: ')}" for p in ("flashmla", "deepgemm") if out[p] != "ok"]
+    out["peer-pipeline"] = "ok" if not missing else "missing: " + "; ".join(missing)
+    out["peer-pipeline+triton-compress"] = out["peer-pipeline"]
     return out

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.plot", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("csv", nargs="*", help="results.csv files (default: bench/results/*/results.csv)")
     p.add_argument("--out", default=None, help="output folder (default: <csv folder>/plots)")
-    p.add_argument("--timer", default="l2flush", help="l2flush, cudagraph or cpu")
+    p.add_argument("--timer", default="graphflush", help="graphflush, l2flush, cudagraph or cpu")
     args = p.parse_args(argv)
     paths = args.csv or sorted(glob.glob(os.path.join(os.path.dirname(__file__), "results", "*", "results.csv")))
     if not paths:
