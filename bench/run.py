@@ -107,10 +107,24 @@ def fill_index_keys(cache: IndexerKeyCache, chunk_pages: int = 8192) -> None:
         scales[a : a + n] = s.view(torch.uint8).view(n, cache.page_size, 4)
 
 
-def random_state(state: KVAndScore) -> KVAndScore:
-    """Carried compressor state with random rows (kv ~ N(0, 1), finite scores)."""
+def random_state(state: KVAndScore, meta: DSV4AttnMetadata) -> KVAndScore:
+    """Carried compressor state of a random history: for the request on each slot, the rows of positions it
+    has seen (the unfinished window's first `prefix % r` rows and, with overlap, the previous complete
+    window) random (kv ~ N(0, 1), finite scores), the rows of positions not seen yet the fill (kv 0,
+    score -inf). That is the canonical state a compressor step leaves and the Triton kernel expects: it
+    reads only seen rows and rewrites the whole slot only when a window completes (a step inside a window
+    writes just its own rows), so unseen rows full of noise would stay noise. Slots no request uses stay
+    random."""
     state.kv.normal_()
     state.score.normal_()
+    r, lead = state.ratio, state.ratio if state.overlap else 0
+    slots, p0 = meta.state_slots.long(), meta.prefix_lens.long()
+    rows = torch.arange(state.coff * r, device=state.kv.device)
+    seen = torch.where(rows < lead, p0[:, None] >= r, rows - lead < (p0 % r)[:, None])  # [b, coff*r]
+    unseen = torch.zeros(state.kv.shape[:2], dtype=torch.bool, device=state.kv.device)
+    unseen[slots] = ~seen
+    state.kv.masked_fill_(unseen[..., None], 0.0)
+    state.score.masked_fill_(unseen[..., None], float("-inf"))
     return state
 
 
@@ -572,7 +586,7 @@ def setup_compress(case: Case, dev: torch.device) -> Bench:
     params = layer_params(cfg, layer_index(cfg, ratio), dev)
     cp = params.compressor
     assert cp is not None
-    state0 = random_state(cp.empty_state(meta.batch_size, dev))
+    state0 = random_state(cp.empty_state(meta.batch_size, dev), meta)
     cache0 = compressed_cache(bt, ratio, dev)
     t = meta.num_tokens
     x = torch.randn(t, cfg.hidden_size, device=dev).to(torch.bfloat16)
@@ -716,7 +730,7 @@ def setup_layer(case: Case, dev: torch.device) -> Bench:
         fill_index_keys(st.index_keys)
     for s in (st.comp_state, st.index_state):
         if s is not None:
-            random_state(s)
+            random_state(s, meta)
     t = meta.num_tokens
     x = torch.randn(t, cfg.hidden_size, device=dev).to(torch.bfloat16)
     stream = meta.stream(ratio)

@@ -49,7 +49,7 @@ def _layer_inputs(case: Case, dev: torch.device, seed: int = 0):
         bench_run.fill_index_keys(st.index_keys)
     for s in (st.comp_state, st.index_state):
         if s is not None:
-            bench_run.random_state(s)
+            bench_run.random_state(s, bt.meta)
     x = torch.randn(meta.num_tokens, cfg.hidden_size, device=dev).to(torch.bfloat16)
     return bt, params, st, x
 
