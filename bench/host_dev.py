@@ -9,26 +9,14 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 
 import torch
 import triton
 import triton.testing
 
 from bench.configs import Case
+from bench.launch_dev import host_us
 from bench.run import SETUPS
-
-
-def host_us(fn, n: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def profile(fn, n: int = 200, top: int = 28) -> str:
