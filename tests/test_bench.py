@@ -142,3 +142,16 @@ def test_compress_check_passes_for_triton_from_the_random_state(variant, mode, s
     bench = bench_run.setup_compress(configs.Case("compress", "tiny", mode, 9, 4096, s_q=s_q, variant=variant), dev)
     ok, detail = bench.check(bench.make("triton", True)())
     assert ok, detail
+
+
+def test_tier_cost_measures_every_step_and_restores_the_registry(monkeypatch):
+    from bench import tier_cost
+    from dsv4fn import _backend, _contracts
+
+    monkeypatch.setattr(tier_cost, "N", 5)
+    monkeypatch.setattr(tier_cost, "LOOPS", 1)
+    resolve = _backend.resolve
+    out = tier_cost.measure()
+    assert _backend.resolve is resolve and _contracts.VALIDATE is False
+    for label, _ in tier_cost.CASES:
+        assert 0 < out[f"{label}:plain"] < out[f"{label}:validate"]  # tier 3 adds work on top of tier 1
