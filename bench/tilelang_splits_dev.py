@@ -1,0 +1,40 @@
+"""Dev sweep: the TileLang attention's KV-split count per batch against FlashMLA, one GPU.
+
+For V4-Flash decode at 64k (the harness's `attend` case), each batch is timed with the split heuristic
+(`choose_splits`) and with forced split counts around it (`dsv4fn.attend.tilelang.FORCE_SPLITS`), every
+variant checked against the reference first. Timer: `graphflush` (one call replayed from a CUDA graph, L2
+flushed before each replay). Usage: python -m bench.tilelang_splits_dev
+"""
+
+import torch
+
+from bench.configs import Case
+from bench.run import SETUPS
+from bench.timing import graphflush_us
+from dsv4fn.attend import tilelang as tla
+
+CANDIDATES = {1: (4, 6, 8, 10), 32: (2, 3, 4, 5, 6), 64: (1, 2, 3), 128: (1, 2, 3), 256: (1, 2)}
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    print(f"device {torch.cuda.get_device_name()}; graphflush us; heuristic = choose_splits")
+    for b, cands in CANDIDATES.items():
+        bench = SETUPS["attend"](Case("attend", "flash", "decode", b, 65536), dev)
+        run_peer, check_peer = bench.peers["flashmla"]()
+        assert check_peer(run_peer())[0]
+        peer = graphflush_us(run_peer, rep_ms=20)
+        line = [f"b={b:<4d} FlashMLA {peer:6.1f}"]
+        for forced in (None, *cands):
+            tla.FORCE_SPLITS = forced
+            fn = bench.make("tilelang", False)
+            ok, _ = bench.check(bench.make("tilelang", True)())
+            t = graphflush_us(fn, rep_ms=20)
+            name = "heur" if forced is None else f"s={forced}"
+            line.append(f"{name} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL'}")
+        tla.FORCE_SPLITS = None
+        print(" | ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
