@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv4fn import _backend
-from dsv4fn.attend import _tilelang_fast
+from dsv4fn.attend import _lone_long_row, _tilelang_fast
 from dsv4fn.index_topk import _tilelang_logits_fast
 from dsv4fn.state import IndexerKeyCache, PagedKVCache
 
@@ -27,6 +27,19 @@ def test_attention_auto_prefers_tilelang_only_where_its_fast_kernel_applies():
     odd = torch.zeros(2, v4.page_bytes + 8, dtype=torch.uint8)[:, : v4.page_bytes]
     v4_odd = PagedKVCache(data=odd, page_size=64, nope_dim=448, rope_dim=64, tile=64)
     assert v4.data.stride(0) % 576 == 0 and not _tilelang_fast(v4_odd, None)
+
+
+@pytest.mark.parametrize(
+    ("queries", "k2", "lone"), [(1, 8192, True), (1, 512, False), (8, 8192, False), (2, 4096, False)]
+)
+def test_attention_auto_keeps_triton_for_one_query_over_a_long_list(queries, k2, lone):
+    v4 = PagedKVCache.allocate(2, 64)
+    assert _lone_long_row(queries, k2) is lone
+
+    def fits(b: str) -> bool:  # as attend() builds it
+        return b != "tilelang" or (_tilelang_fast(v4, v4) and not _lone_long_row(queries, k2))
+
+    assert _pick("attend", fits) == ("triton" if lone else "tilelang")
 
 
 @pytest.mark.parametrize(("t", "hi", "page", "want"), [(32, 64, 64, "tilelang"), (1, 64, 64, "triton"),

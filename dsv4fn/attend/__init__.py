@@ -39,6 +39,14 @@ def _tilelang_fast(cache: PagedKVCache, extra: PagedKVCache | None) -> bool:
     )
 
 
+def _lone_long_row(queries: int, k2: int) -> bool:
+    """One query over a very long compressed list (a 1M-token HCA row has 8192 entries): "auto" keeps Triton,
+    whose split combine streams the partials (H100, bench/results/h100, cold L2: 42.8 against TileLang's 47.3 us
+    for V4-Flash, 42.8 against 46.1 for V4-Pro); from 8 rows, or at 64k (512 entries), TileLang is as fast
+    or faster (batch 8 at 1M: 50.4 against 72.9)."""
+    return queries == 1 and k2 >= 4096
+
+
 def _check_lens(name: str, lens: Tensor | None, b: int) -> None:
     if lens is not None:
         check_tensor(name, lens, dtype=torch.int32, shape=(b,))
@@ -88,9 +96,12 @@ def attend(
             validate_range("lens", lens, 0, indices.shape[-1] + 1)
         if extra_lens is not None and extra_indices is not None:
             validate_range("extra_lens", extra_lens, 0, extra_indices.shape[-1] + 1)
-    _, fn = _backend.resolve(
-        "attend", backend, q.device, lambda b: b != "tilelang" or _tilelang_fast(cache, extra_cache)
-    )
+    k2 = 0 if extra_indices is None else extra_indices.shape[-1]
+
+    def tilelang_fits(name: str) -> bool:
+        return name != "tilelang" or (_tilelang_fast(cache, extra_cache) and not _lone_long_row(b * s_q, k2))
+
+    _, fn = _backend.resolve("attend", backend, q.device, tilelang_fits)
     return fn(
         q,
         cache,
