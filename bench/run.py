@@ -771,7 +771,7 @@ def setup_layer(case: Case, dev: torch.device) -> Bench:
         attend_fn = peer_layer_mod.flashmla_attend_fn()
         logits_fn = peer_layer_mod.deepgemm_logits_fn(meta) if ratio == cfg.csa_ratio else None
         # checked against the reference where it fits (the default --ref-mem-gb), else our fastest kernels
-        vs = "torch" if ref_bytes <= 12e9 else "auto"
+        vs = "torch" if ref_bytes <= REF_MEM_GB * 1e9 else "auto"
         expect = ref() if vs == "torch" else make("auto", True)()
         ps = clone_tree(st)  # the peer's own state, made once: its timed calls keep writing into it, as ours do
 
@@ -794,6 +794,9 @@ def setup_layer(case: Case, dev: torch.device) -> Bench:
     }
     return Bench(cost, shape, make, check, peers, torch_syncs=True, ref_bytes=ref_bytes)
 
+
+# --ref-mem-gb, for setups that run the reference themselves (the layer peers' check); main() sets it
+REF_MEM_GB = 12.0
 
 SETUPS: dict[str, Callable[[Case, torch.device], Bench]] = {
     "attend": setup_attend,
@@ -1149,6 +1152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global REF_MEM_GB
+    REF_MEM_GB = args.ref_mem_gb
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ops = _split(args.op) or list(OPS)
     models = _split(args.config) or (["flash", "pro"] if dev.type == "cuda" else ["tiny"])
