@@ -59,18 +59,27 @@ def check_tensor(
     contiguous: bool = False,
     last_dim_contiguous: bool = False,
 ) -> torch.Tensor:
-    """Raise `TypeError`/`ValueError` naming `name`, the expected and the actual value."""
-    if not isinstance(t, torch.Tensor):
+    """Raise `TypeError`/`ValueError` naming `name`, the expected and the actual value. Runs on every step call:
+    written for the common case (plain loops, no tuples built, `type(t) is torch.Tensor` before `isinstance`,
+    whose metaclass hook is slow)."""
+    if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtype is not None:
-        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
-        if t.dtype not in allowed:
+        if t.dtype != dtype if isinstance(dtype, torch.dtype) else t.dtype not in dtype:
+            allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
             want = " or ".join(_fmt_dtype(d) for d in allowed)
             raise TypeError(f"{name}: expected dtype {want}, got {_fmt_dtype(t.dtype)}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected rank {ndim}, got rank {t.dim()} (shape {tuple(t.shape)})")
+    nd = t.dim()
+    if ndim is not None and nd != ndim:
+        raise ValueError(f"{name}: expected rank {ndim}, got rank {nd} (shape {tuple(t.shape)})")
     if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape, strict=False)):
+        bad = nd != len(shape)
+        if not bad:
+            for s, a in zip(shape, t.shape, strict=True):
+                if s is not None and s != a:
+                    bad = True
+                    break
+        if bad:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
     if device is not None and t.device != device:
@@ -78,15 +87,21 @@ def check_tensor(
             raise ValueError(f"{name}: expected device {device}, got {t.device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
-    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if last_dim_contiguous and nd > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name}: expected unit stride in the last dim, got strides {t.stride()}")
     return t
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    devs = {n: t.device for n, t in tensors.items() if t is not None}
-    if len({(d.type, d.index) for d in devs.values()}) > 1:
-        raise ValueError("tensors on different devices: " + ", ".join(f"{n}={d}" for n, d in devs.items()))
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            devs = {n: t.device for n, t in tensors.items() if t is not None}
+            raise ValueError("tensors on different devices: " + ", ".join(f"{n}={d}" for n, d in devs.items()))
 
 
 def require(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
