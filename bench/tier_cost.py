@@ -73,7 +73,11 @@ def _stubbed_calls() -> dict[str, Callable[[], Any]]:
         finally:
             _backend.resolve = resolve  # type: ignore[assignment]
         calls[label] = fn
-    stub = lambda step, backend, device, accepts=None: ("stub", lambda *a, **k: recorded[step])
+
+    def stub(step: str, backend: Any, device: Any, accepts: Any = None) -> tuple[str, Callable[..., Any]]:
+        name, _ = resolve(step, backend, device, accepts)  # the backend choice is part of the step's cost
+        return name, lambda *a, **k: recorded[step]
+
     _backend.resolve = stub  # type: ignore[assignment]  # until measure() puts the real one back
     return calls
 
