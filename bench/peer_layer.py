@@ -200,8 +200,6 @@ def deepgemm_logits_fn(meta: DSV4AttnMetadata) -> LogitsFn:
     dev = meta.page_table.device
     block_table = meta.page_table[meta.token_request.long()].contiguous()
     lens_1d = csa.visible.contiguous()
-    lens_2d = lens_1d.view(-1, 1)
-    num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     outside = torch.arange(width, device=dev).view(1, -1) >= lens_1d.view(-1, 1)
     chosen: list[tuple[Tensor, Tensor, bool]] = []  # (context_lens as the call wants them, schedule, clean)
 
@@ -216,20 +214,15 @@ def deepgemm_logits_fn(meta: DSV4AttnMetadata) -> LogitsFn:
         if chosen:
             lens, sched, clean = chosen[0]
             return finish(dg.fp8_paged_mqa_logits(q4, kv, w, lens, block_table, sched, width, clean), clean)
-        # the first call: the context_lens rank each call wants differs between DeepGEMM versions
-        # (bench/peers.py); take the first that runs. sgl-deep-gemm 0.1.4's cleaning pass rejects the 2-D
-        # lens its logits kernel wants: then the columns past visible get −inf from one masked_fill per call
-        errors = []
+        # the first call: find the context_lens rank this DeepGEMM wants (peers.deepgemm_probe). sgl-deep-gemm
+        # 0.1.4's cleaning pass rejects the 2-D lens its logits kernel wants: then the columns past visible get
+        # −inf from one masked_fill per call
+        errors: list[str] = []
         for clean in (True, False):
-            for meta_lens, call_lens in ((lens_1d, lens_2d), (lens_2d, lens_2d), (lens_1d, lens_1d)):
-                try:
-                    sched = dg.get_paged_mqa_logits_metadata(meta_lens, kv.shape[1], num_sms)
-                    lg = dg.fp8_paged_mqa_logits(q4, kv, w, call_lens, block_table, sched, width, clean)
-                except Exception as e:
-                    errors.append(f"{type(e).__name__}: {e}".splitlines()[0][:160])
-                    continue
-                chosen.append((call_lens, sched, clean))
-                return finish(lg, clean)
+            got = peers.deepgemm_probe(dg, q4, kv, w, lens_1d, block_table, width, clean, errors)
+            if got is not None:
+                chosen.append((got[0], got[1], clean))
+                return finish(got[2], clean)
         raise RuntimeError("DeepGEMM fp8_paged_mqa_logits failed with 1-D and 2-D context_lens: " + " | ".join(errors))
 
     return run
@@ -240,16 +233,7 @@ def flashmla_attend_fn() -> AttendFn:
     `AttendFn`. The first call builds FlashMLA's tile-scheduler metadata and later calls reuse it: make one
     per batch (like our plan) and call it first outside the timing; its lengths must not change between
     calls (in the layer they come from the plan: window lengths and min(visible, topk)). Raises `PeerMissing`."""
-    op, schema = peers.flashmla_op()
-    by_name = {n: ours for ours, names in peers._FLASHMLA_ALIASES.items() for n in names}
-    order: list[tuple[str | None, Any]] = []
-    for a in op._schema.arguments:
-        if a.name in by_name:
-            order.append((by_name[a.name], None))
-        elif a.has_default_value():
-            order.append((None, a.default_value))
-        else:
-            raise peers.PeerMissing(f"FlashMLA schema has an argument we cannot fill: {a.name} ({schema})")
+    op, bind, _ = peers.flashmla_binder()
     made: dict[str, Any] = {}
 
     def attend_fn(
@@ -273,7 +257,7 @@ def flashmla_attend_fn() -> AttendFn:
             d_v=q.shape[-1],
             sm_scale=scale,
         )
-        res = op(*[values[k] if k is not None else default for k, default in order])
+        res = op(*bind(values))
         if not made:
             made["shapes"] = shapes
             if len(res) >= 4 and res[2] is not None:  # the scheduler metadata made by the first call

@@ -115,7 +115,7 @@ def flashmla_sparse_decode(
     d_v: int = 512,
 ) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], str]:
     """Returns (a no-argument closure computing (o, lse) with cached scheduler metadata, schema)."""
-    op, schema = flashmla_op()
+    op, bind, schema = flashmla_binder()
     values: dict[str, Any] = dict(
         q=q,
         k_cache=k_cache,
@@ -130,33 +130,37 @@ def flashmla_sparse_decode(
         d_v=d_v,
         sm_scale=sm_scale,
     )
-    args_schema = op._schema.arguments
-    by_name = {}
-    for ours, names in _FLASHMLA_ALIASES.items():
-        for n in names:
-            by_name[n] = ours
-
-    def bind() -> list[Any]:
-        out = []
-        for a in args_schema:
-            if a.name in by_name:
-                out.append(values[by_name[a.name]])
-            elif a.has_default_value():
-                out.append(a.default_value)
-            else:
-                raise PeerMissing(f"FlashMLA schema has an argument we cannot fill: {a.name} ({schema})")
-        return out
-
-    res = op(*bind())
+    res = op(*bind(values))
     if len(res) >= 4 and res[2] is not None:  # scheduler metadata made by the first call: reuse it
         values["tile_scheduler_metadata"], values["num_splits"] = res[2], res[3]
-    args = bind()
+    args = bind(values)
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         r = op(*args)
         return r[0], r[1]
 
     return run, schema
+
+
+def flashmla_binder() -> tuple[Any, Callable[[dict[str, Any]], list[Any]], str]:
+    """(the op, bind, schema): `bind(values)` lists the op's arguments in schema order, each taken from
+    `values` by our name (`_FLASHMLA_ALIASES`: the names FlashMLA's schemas have used), defaults for the rest.
+    Raises `PeerMissing` (also for a schema argument we cannot fill)."""
+    op, schema = flashmla_op()
+    by_name = {n: ours for ours, names in _FLASHMLA_ALIASES.items() for n in names}
+    order: list[tuple[str | None, Any]] = []
+    for a in op._schema.arguments:
+        if a.name in by_name:
+            order.append((by_name[a.name], None))
+        elif a.has_default_value():
+            order.append((None, a.default_value))
+        else:
+            raise PeerMissing(f"FlashMLA schema has an argument we cannot fill: {a.name} ({schema})")
+
+    def bind(values: dict[str, Any]) -> list[Any]:
+        return [values[k] if k is not None else default for k, default in order]
+
+    return op, bind, schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,22 +205,13 @@ def deepgemm_paged_logits(
     `[t, hi]`, context_lens int32 `[t]`, block_table int32 `[t, max_blocks]` -> closure giving fp32
     logits `[t, max_context_len]`; columns past a row's context are −inf only with `clean`."""
     dg = deep_gemm_module()
-    num_sms = torch.cuda.get_device_properties(q8.device).multi_processor_count
-    block_kv = kv_cache.shape[1]
     q4 = q8.unsqueeze(1).contiguous()
     w = weights.contiguous()
     bt = block_table.contiguous()
-    lens_1d = context_lens.contiguous()
-    lens_2d = lens_1d.view(-1, 1)  # [t, next_n = 1]: sgl-deep-gemm 0.1.4 asserts context_lens.dim() == 2
-    errors = []
-    # the context_lens rank each call wants differs between DeepGEMM versions: take the first that runs
-    for meta_lens, call_lens in ((lens_1d, lens_2d), (lens_2d, lens_2d), (lens_1d, lens_1d)):
-        try:
-            schedule = dg.get_paged_mqa_logits_metadata(meta_lens, block_kv, num_sms)
-            dg.fp8_paged_mqa_logits(q4, kv_cache, w, call_lens, bt, schedule, max_context_len, clean)
-        except Exception as e:
-            errors.append(f"{type(e).__name__}: {e}".splitlines()[0][:160])
-            continue
+    errors: list[str] = []
+    got = deepgemm_probe(dg, q4, kv_cache, w, context_lens, bt, max_context_len, clean, errors)
+    if got is not None:
+        call_lens, schedule, _ = got
 
         def run(lens: torch.Tensor = call_lens, sched: torch.Tensor = schedule) -> torch.Tensor:
             return dg.fp8_paged_mqa_logits(q4, kv_cache, w, lens, bt, sched, max_context_len, clean)
@@ -234,6 +229,35 @@ def deepgemm_paged_logits(
 
         return run_clean
     raise RuntimeError("DeepGEMM fp8_paged_mqa_logits failed with 1-D and 2-D context_lens: " + " | ".join(errors))
+
+
+def deepgemm_probe(
+    dg: Any,
+    q4: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context_len: int,
+    clean: bool,
+    errors: list[str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The context_lens rank each DeepGEMM call wants differs between versions (sgl-deep-gemm 0.1.4 asserts a
+    2-D `[t, next_n = 1]` one in the logits kernel): try the combinations, return (the lens the logits call
+    takes, the schedule, the logits of that first call) for the first that runs, or None (the failures are
+    appended to `errors`). q4 `[t, 1, hi, di]`; context_lens int32 `[t]`."""
+    num_sms = torch.cuda.get_device_properties(q4.device).multi_processor_count
+    lens_1d = context_lens.contiguous()
+    lens_2d = lens_1d.view(-1, 1)
+    for meta_lens, call_lens in ((lens_1d, lens_2d), (lens_2d, lens_2d), (lens_1d, lens_1d)):
+        try:
+            schedule = dg.get_paged_mqa_logits_metadata(meta_lens, kv_cache.shape[1], num_sms)
+            logits = dg.fp8_paged_mqa_logits(q4, kv_cache, w, call_lens, block_table, schedule, max_context_len, clean)
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}".splitlines()[0][:160])
+            continue
+        return call_lens, schedule, logits
+    return None
 
 
 def availability() -> dict[str, str]:

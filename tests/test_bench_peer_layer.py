@@ -330,3 +330,95 @@ def test_topk_slots_does_not_sync_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(prev)
     assert bt.meta.csa is not None and sel.shape == (bt.meta.num_tokens, bt.meta.csa.width)
+
+
+# ---------------------------------------------------------------------------------------------
+# The peers' argument binding and DeepGEMM's context_lens probe, on stand-ins (the GPU tests above run the
+# real libraries; these reach the same code paths without them)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Arg:
+    def __init__(self, name: str, default: object = "none") -> None:
+        self.name, self._default = name, default
+
+    def has_default_value(self) -> bool:
+        return self._default != "none"
+
+    @property
+    def default_value(self) -> object:
+        return self._default
+
+
+class _FakeFlashMLA:
+    """A sparse decode op with FlashMLA's schema names: returns (o, lse, scheduler metadata, splits) and records
+    the arguments of each call."""
+
+    def __init__(self) -> None:
+        names = ["q", "kv", "indices", "topk_length", "attn_sink", "tile_scheduler_metadata", "num_splits",
+                 "extra_kv", "extra_indices", "extra_topk_length", "d_v", "sm_scale"]  # fmt: skip
+        self._schema = type("S", (), {"arguments": [_Arg(n) for n in names] + [_Arg("out", None)]})()
+        self.calls: list[list] = []
+
+    def __call__(self, *args):
+        self.calls.append(list(args))
+        return args[0] * 2, args[0].sum(), "sched", "splits"
+
+
+def test_flashmla_binding_is_shared_and_reuses_the_scheduler(monkeypatch):
+    op = _FakeFlashMLA()
+    monkeypatch.setitem(peers._state, "flashmla", (op, "schema"))
+    q, kv, idx = torch.ones(1, 1, 2, 4), torch.zeros(3), torch.zeros(1, 1, 4)
+    lens = torch.tensor([0], dtype=torch.int32)
+    run, _ = peers.flashmla_sparse_decode(q, kv, idx, lens, None, None, None, None, 0.5, 4)
+    o, _ = run()
+    assert torch.equal(o, q * 2)
+    first, timed = op.calls[0], op.calls[-1]
+    assert first[5] is None and timed[5] == "sched" and timed[6] == "splits"  # metadata from the first call
+    assert timed[1] is kv and timed[10] == 4 and timed[11] == 0.5 and timed[12] is None  # by name; default
+    # the peer layer's per-call binding goes through the same binder
+    op.calls.clear()
+    cache = dsv4fn.PagedKVCache.allocate(2, 64)
+    attend_fn = peer_layer.flashmla_attend_fn()
+    for _ in range(2):
+        attend_fn(q, cache, idx, lens, None, None, None, torch.zeros(2), 0.5)
+    assert op.calls[0][5] is None and op.calls[1][5] == "sched"
+    assert torch.equal(op.calls[1][3], lens.clamp_min(1))  # FlashMLA's lengths are >= 1
+    # an argument the schema has and we cannot fill: missing, never guessed
+    op._schema.arguments.append(_Arg("mystery"))
+    with pytest.raises(peers.PeerMissing, match="mystery"):
+        peers.flashmla_binder()
+    peers._state.clear()
+
+
+class _FakeDeepGEMM:
+    """sgl-deep-gemm 0.1.4's behaviour: the logits kernel asserts 2-D context_lens, its cleaning pass 1-D ones."""
+
+    def get_paged_mqa_logits_metadata(self, lens, block, sms):
+        return ("sched", lens.dim())
+
+    def fp8_paged_mqa_logits(self, q4, kv, w, lens, bt, sched, width, clean):
+        if lens.dim() != 2:
+            raise AssertionError("context_lens.dim() == 2")
+        if clean:
+            raise AssertionError("clean: context_lens.dim() == 1")
+        return torch.arange(width, dtype=torch.float32).repeat(q4.shape[0], 1)
+
+
+def test_deepgemm_probe_is_shared_and_cleans_by_mask(monkeypatch):
+    dg = _FakeDeepGEMM()
+    monkeypatch.setitem(peers._state, "deepgemm", dg)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: type("P", (), {"multi_processor_count": 4}))
+    t, width = 3, 8
+    q8, w = torch.zeros(t, 2, 4), torch.zeros(t, 2)
+    lens = torch.tensor([8, 3, 0], dtype=torch.int32)
+    errors: list[str] = []
+    assert peers.deepgemm_probe(dg, q8.unsqueeze(1), None, w, lens, None, width, True, errors) is None
+    assert len(errors) == 3
+    lens_used, sched, _ = peers.deepgemm_probe(dg, q8.unsqueeze(1), torch.zeros(1, 64), w, lens, None, width, False, [])
+    assert lens_used.shape == (t, 1) and sched == ("sched", 1)
+    expect = torch.arange(width, dtype=torch.float32).repeat(t, 1)
+    expect[torch.arange(width).view(1, -1) >= lens.view(-1, 1)] = float("-inf")
+    run = peers.deepgemm_paged_logits(q8, torch.zeros(1, 64), w, lens, torch.zeros(t, 1), width, clean=True)
+    assert torch.equal(run(), expect)
+    peers._state.clear()
