@@ -15,6 +15,7 @@ import time
 import torch
 import triton
 
+from bench.timing import graphflush_us
 from dsv4fn.attend.reference import sparse_attention
 from dsv4fn.attend.triton import ATTN_CONFIG, default_num_splits, sparse_attention_triton, sparse_attn
 from dsv4fn.formats import model1
@@ -43,19 +44,8 @@ def make_inputs(b: int, h: int, k1: int, k2: int, dev: str = "cuda", seed: int =
 
 def graph_time_us(fn) -> float:
     """Median time of `fn` captured in a CUDA graph, replayed under do_bench (L2 flushed before each
-    replay): the kernels' own time without Python launch overhead."""
-    fn()
-    torch.cuda.synchronize()
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        fn()
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ms = triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median")
-    return ms * 1e3
+    replay): the kernels' own time without Python launch overhead (the harness's `graphflush` timer)."""
+    return graphflush_us(fn, rep_ms=50)
 
 
 def exact_check(deq_bf16: bool) -> None:

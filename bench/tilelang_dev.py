@@ -11,7 +11,6 @@ Usage (repo root, GPU host; ~3-4 min on an H100 including the parallel compiles)
 
 import argparse
 import importlib
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ compat = importlib.import_module("dsv4fn._tilelang_compat")
 attn = importlib.import_module("dsv4fn.attend.tilelang")
 idx = importlib.import_module("dsv4fn.index_topk.tilelang")
 
+from bench.timing import graphflush_us  # noqa: E402
 from dsv4fn import _backend  # noqa: E402
 from dsv4fn.attend.reference import sparse_attention as ref_attention  # noqa: E402
 
@@ -30,33 +30,12 @@ SCALE = 512**-0.5
 HBM = 3.0e12  # measured H100 copy rate, B/s
 PEERS_ATTN = {1: 12, 32: 23, 64: 47, 128: 47, 256: 93}  # FlashMLA DSV4 decode on this H100 (issue 6)
 PEERS_INDEX = {(32, 16384): 39, (32, 65536): 114}  # DeepGEMM fp8_paged_mqa_logits (issue 6)
-_flush = None
 
 
 def graph_us(fn, reps: int) -> float:
-    """Median µs of replaying a CUDA graph of `fn()` with a cold L2 before each replay."""
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy init)
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends, strict=True):
-        _flush.zero_()
-        s.record()
-        g.replay()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
+    """Median µs of replaying a CUDA graph of `fn()` with a cold L2 before each replay (the harness's
+    `graphflush` timer, measuring for about `reps` replays' worth of time: ~0.1 ms each)."""
+    return graphflush_us(fn, rep_ms=max(10.0, reps * 0.1))
 
 
 def compile_all(do_attn: bool, do_index: bool) -> None:
