@@ -177,9 +177,9 @@ def plan(
         swa_page_table.shape[1] >= need_swa,
         f"swa_page_table: expected at least {need_swa} columns for {longest} tokens, got {swa_page_table.shape[1]}",
     )
-    active = sorted({r for r in config.compress_ratios if r in (config.csa_ratio, config.hca_ratio)})
     checking = validating()
     if checking:
+        active = sorted({r for r in config.compress_ratios if r in (config.csa_ratio, config.hca_ratio)})
         swa_p = config.swa_page_size
         lo = [max(0, p - config.window + 1) // swa_p for p in prefix]
         hi = [-(-n // swa_p) for n in seq]
