@@ -46,6 +46,8 @@ THREADS = 128
 MERGE_THREADS = 256
 MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
+# (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel (bench knob)
+_CHUNK_TILING = (CHUNK_PAGES, CHUNK_STAGES, CHUNK_CTAS_PER_SM)
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
 # automatic shared-memory syncs (it put a 32-thread named barrier *inside* the elected lane's TMA branch,
 # a deadlock; see _tilelang_compat). The kernels place every __syncthreads themselves.
@@ -339,7 +341,10 @@ def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: int
     return index_logits
 
 
-def build_chunk_topk(hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES):
+def build_chunk_topk(
+    hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES,
+    ctas: int = CHUNK_CTAS_PER_SM,
+):  # fmt: skip
     """PrimFunc, fused top-k step 1: per (chunk of `cpg` pages, token) the local top-k candidates."""
     f32, i32, fp8 = T.float32, T.int32, T.float8_e4m3fn
     NT_ = T.dynamic("tokens")
@@ -366,7 +371,7 @@ def build_chunk_topk(hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES
         CandI: T.Tensor[(NT_, NC, topk), i32],
     ):
         with T.Kernel(NC, NT_, threads=THREADS) as (cc, t):
-            T.annotate_min_blocks_per_sm(CHUNK_CTAS_PER_SM)
+            T.annotate_min_blocks_per_sm(ctas)
             T.import_source(TOPK_DEVICE_SRC)
             Q_s = T.alloc_shared([hi, di], fp8)
             K_s = T.alloc_shared([stages, p, di], fp8)
@@ -448,13 +453,16 @@ def _logits_kernel(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: i
 
 
 @jit(pass_configs=PASS_CONFIGS)
-def _chunk_topk_kernel(hi: int, di: int, p: int, topk: int):
-    return build_chunk_topk(hi, di, p, topk)
+def _chunk_topk_kernel(
+    hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES,
+    ctas: int = CHUNK_CTAS_PER_SM,
+):  # fmt: skip
+    return build_chunk_topk(hi, di, p, topk, cpg, stages, ctas)
 
 
 @jit(pass_configs=MERGE_PASS_CONFIGS)
-def _topk_merge_kernel(topk: int, p: int):
-    return build_topk_merge(topk, p)
+def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES):
+    return build_topk_merge(topk, p, cpg)
 
 
 def _cache_views(data: Tensor, p: int, di: int) -> tuple[Tensor, Tensor]:
@@ -509,14 +517,15 @@ def tl_index_topk_fused(
     lens = torch.empty((t,), dtype=torch.int32, device=dev)
     if t == 0:
         return out, lens
-    chunks = max(1, -(-max_visible // (page_size * CHUNK_PAGES)))
+    cpg, stages, ctas = _CHUNK_TILING
+    chunks = max(1, -(-max_visible // (page_size * cpg)))
     cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
     cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
     launch(
-        _chunk_topk_kernel(hi, di, page_size, topk),
+        _chunk_topk_kernel(hi, di, page_size, topk, cpg, stages, ctas),
         q8, weights, kv, ks, page_table, token_request, visible, cand_v, cand_i,
     )  # fmt: skip
-    launch(_topk_merge_kernel(topk, page_size), cand_v, cand_i, page_table, token_request, visible, out, lens)
+    launch(_topk_merge_kernel(topk, page_size, cpg), cand_v, cand_i, page_table, token_request, visible, out, lens)
     return out, lens
 
 
@@ -558,8 +567,10 @@ def index_topk_fused(
     _check(q8, cache)
     if not 1 <= topk <= width:
         raise ValueError(f"topk: expected 1..width={width}, got {topk}")
-    if topk > CHUNK_PAGES * cache.page_size:
-        raise ValueError(f"topk: the fused TileLang top-k supports at most {CHUNK_PAGES * cache.page_size}, got {topk}")
+    if topk > _CHUNK_TILING[0] * cache.page_size:
+        raise ValueError(
+            f"topk: the fused TileLang top-k supports at most {_CHUNK_TILING[0] * cache.page_size}, got {topk}"
+        )
     if max_visible is None:
         max_visible = page_table.shape[1] * cache.page_size
     return tl_index_topk_fused(

@@ -1,0 +1,140 @@
+# ruff: noqa: B023
+"""Dev probes of the TileLang kernels on one GPU (issue 6): where the time of the attention decode and of the
+fused indexer top-k goes. Every variant is checked against the torch reference before it is timed.
+
+    python -m bench.tilelang_profile_dev attn-scan      # attention: time vs keys per row (fixed cost, per block)
+    python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
+    python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
+    python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
+
+Timer: `graphflush` (one call replayed from a CUDA graph, L2 flushed before each replay), µs.
+"""
+
+import importlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, "tests")
+gpu_tests = importlib.import_module("test_tilelang_gpu")
+compat = importlib.import_module("dsv4fn._tilelang_compat")
+attn = importlib.import_module("dsv4fn.attend.tilelang")
+idx = importlib.import_module("dsv4fn.index_topk.tilelang")
+
+from bench.timing import graphflush_us  # noqa: E402
+from dsv4fn import _backend  # noqa: E402
+from dsv4fn.attend.reference import sparse_attention as ref_attention  # noqa: E402
+
+SCALE = 512**-0.5
+HBM = 3.0e12
+TOPK = 512
+# (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel
+TILINGS = [(64, 8, 2), (64, 4, 3), (32, 8, 2), (32, 4, 4), (16, 4, 4), (16, 2, 6)]
+FUSED_CASES = [(32, 16384), (32, 65536), (128, 16384)]
+
+
+def _attn_case(b: int, extra: int):
+    q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, 64, 128, 512, seed=b)
+    l1.fill_(128)
+    l2.fill_(extra)
+    i1.copy_(torch.randint(0, b * 128, i1.shape, device="cuda", dtype=torch.int32))
+    i2.copy_(torch.randint(0, b * 1024, i2.shape, device="cuda", dtype=torch.int32))
+    return q, c1, i1, l1, dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+
+
+def attn_scan() -> None:
+    compat.precompile([lambda s=s: attn._kernels("ws", 64, 448, 64, 64, 64, 64, SCALE, s) for s in (False, True)])
+    print("attention ws: window 128 + `extra` compressed keys per row, 64 heads; graphflush us")
+    for b in (1, 32, 64, 128, 256):
+        line = [f"b={b:<4d} splits={attn.choose_splits(b, 1, 64, 128, 512, 'ws'):<3d}"]
+        for extra in (0, 64, 128, 256, 384, 512):
+            q, c1, i1, l1, kw = _attn_case(b, extra)
+            ok = _backend.default_compare(ref_attention(q, c1, i1, l1, **kw), attn.sparse_attention(q, c1, i1, l1, **kw))
+            t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
+            line.append(f"{extra}:{t:6.1f}{'' if ok is None else '!FAIL'}")
+        print(" ".join(line), flush=True)
+
+
+def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
+    """(full op, chunk kernel alone, merge kernel alone) closures of one chunk tiling."""
+    cpg, stages, ctas = tiling
+    t = q8.shape[0]
+    kv, ks = idx._cache_views(cache.data, 64, 128)
+    chunks = -(-n // (64 * cpg))
+    cand_v = torch.empty((t, chunks, TOPK), dtype=torch.float32, device="cuda")
+    cand_i = torch.empty((t, chunks, TOPK), dtype=torch.int32, device="cuda")
+    out = torch.empty((t, TOPK), dtype=torch.int32, device="cuda")
+    lens = torch.empty((t,), dtype=torch.int32, device="cuda")
+    chunk_k = idx._chunk_topk_kernel(64, 128, 64, TOPK, cpg, stages, ctas)
+    merge_k = idx._topk_merge_kernel(TOPK, 64, cpg)
+
+    def full():
+        idx._CHUNK_TILING = tiling
+        try:
+            return idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
+        finally:
+            idx._CHUNK_TILING = (idx.CHUNK_PAGES, idx.CHUNK_STAGES, idx.CHUNK_CTAS_PER_SM)
+
+    def chunk():
+        compat.launch(chunk_k, q8, w, kv, ks, pt, req, vis, cand_v, cand_i)
+
+    def merge():
+        compat.launch(merge_k, cand_v, cand_i, pt, req, vis, out, lens)
+
+    return full, chunk, merge
+
+
+def fused_sweep() -> None:
+    jobs = [lambda tl=tl: idx._chunk_topk_kernel(64, 128, 64, TOPK, *tl) for tl in TILINGS]
+    jobs += [lambda c=c: idx._topk_merge_kernel(TOPK, 64, c) for c in sorted({tl[0] for tl in TILINGS})]
+    t0 = time.time()
+    compat.precompile(jobs)
+    print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s")
+    print("fused indexer top-512 (64 heads x 128, page 64, all keys visible); graphflush us: total = chunk + merge")
+    for t_, n in FUSED_CASES:
+        q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
+        vis.fill_(n)
+        floor = t_ * n * 132 / HBM * 1e6
+        print(f"t={t_} keys={n} memory floor {floor:.1f} us", flush=True)
+        for tiling in TILINGS:
+            full, chunk, merge = _fused_parts(q8, w, cache, pt, req, vis, n, tiling)
+            try:
+                g_idx, g_len = full()
+                gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, TOPK, TOPK, g_idx, g_len)
+                ok = "ok"
+            except AssertionError as exc:
+                ok = f"FAIL {str(exc)[:120]}"
+            t_full = graphflush_us(full, rep_ms=20)
+            t_chunk = graphflush_us(chunk, rep_ms=20)
+            t_merge = graphflush_us(merge, rep_ms=20)
+            print(
+                f"  tiling {tiling}: total {t_full:7.1f}  chunk {t_chunk:7.1f}  merge {t_merge:6.1f}  {ok}", flush=True
+            )
+        q8 = w = cache = None
+        torch.cuda.empty_cache()
+
+
+def run_attn(b: int) -> None:
+    q, c1, i1, l1, kw = _attn_case(b, 512)
+    for _ in range(3):
+        attn.sparse_attention(q, c1, i1, l1, **kw)
+    torch.cuda.synchronize()
+
+
+def run_fused(t_: int, n: int) -> None:
+    q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
+    vis.fill_(n)
+    for _ in range(3):
+        idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    cmd, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    {"attn-scan": attn_scan, "fused-sweep": fused_sweep, "run-attn": run_attn, "run-fused": run_fused}[cmd](*args)
+
+
+if __name__ == "__main__":
+    main()
