@@ -50,7 +50,8 @@ def attn_scan() -> None:
         line = [f"b={b:<4d} splits={attn.choose_splits(b, 1, 64, 128, 512, 'ws'):<3d}"]
         for extra in (0, 64, 128, 256, 384, 512):
             q, c1, i1, l1, kw = _attn_case(b, extra)
-            ok = _backend.default_compare(ref_attention(q, c1, i1, l1, **kw), attn.sparse_attention(q, c1, i1, l1, **kw))
+            expect = ref_attention(q, c1, i1, l1, **kw)
+            ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
             t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
             line.append(f"{extra}:{t:6.1f}{'' if ok is None else '!FAIL'}")
         print(" ".join(line), flush=True)
