@@ -2,7 +2,7 @@
 """Dev probes of the TileLang kernels on one GPU (issue 6): where the time of the attention decode and of the
 fused indexer top-k goes. Every variant is checked against the torch reference before it is timed.
 
-    python -m bench.tilelang_profile_dev attn-scan      # attention: time vs keys per row (fixed cost, per block)
+    python -m bench.tilelang_profile_dev attn-scan [IMPL...]  # attention (ws, ring): time vs keys per row
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -43,18 +43,24 @@ def _attn_case(b: int, extra: int):
     return q, c1, i1, l1, dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
 
 
-def attn_scan() -> None:
-    compat.precompile([lambda s=s: attn._kernels("ws", 64, 448, 64, 64, 64, 64, SCALE, s) for s in (False, True)])
-    print("attention ws: window 128 + `extra` compressed keys per row, 64 heads; graphflush us")
+def attn_scan(*impls: str) -> None:
+    impls = impls or ("ws", "ring")
+    compat.precompile(
+        [lambda i=i, s=s: attn._kernels(i, 64, 448, 64, 64, 64, 64, SCALE, s) for i in impls for s in (False, True)]
+    )
+    print("attention: window 128 + `extra` compressed keys per row, 64 heads; graphflush us")
     for b in (1, 32, 64, 128, 256):
-        line = [f"b={b:<4d} splits={attn.choose_splits(b, 1, 64, 128, 512, 'ws'):<3d}"]
-        for extra in (0, 64, 128, 256, 384, 512):
-            q, c1, i1, l1, kw = _attn_case(b, extra)
-            expect = ref_attention(q, c1, i1, l1, **kw)
-            ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
-            t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
-            line.append(f"{extra}:{t:6.1f}{'' if ok is None else '!FAIL'}")
-        print(" ".join(line), flush=True)
+        for impl in impls:
+            attn.ATTN_IMPL = impl
+            line = [f"b={b:<4d} {impl:>5} splits={attn.choose_splits(b, 1, 64, 128, 512, impl):<3d}"]
+            for extra in (0, 64, 128, 256, 384, 512):
+                q, c1, i1, l1, kw = _attn_case(b, extra)
+                expect = ref_attention(q, c1, i1, l1, **kw)
+                ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
+                t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
+                line.append(f"{extra}:{t:6.1f}{'' if ok is None else '!FAIL'}")
+            print(" ".join(line), flush=True)
+        attn.ATTN_IMPL = "ws"
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
@@ -116,7 +122,8 @@ def fused_sweep() -> None:
         torch.cuda.empty_cache()
 
 
-def run_attn(b: int) -> None:
+def run_attn(b: int, ring: int = 0) -> None:
+    attn.ATTN_IMPL = "ring" if ring else "ws"
     q, c1, i1, l1, kw = _attn_case(b, 512)
     for _ in range(3):
         attn.sparse_attention(q, c1, i1, l1, **kw)
@@ -132,7 +139,8 @@ def run_fused(t_: int, n: int) -> None:
 
 
 def main() -> None:
-    cmd, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    cmd = sys.argv[1]
+    args = sys.argv[2:] if cmd == "attn-scan" else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     {"attn-scan": attn_scan, "fused-sweep": fused_sweep, "run-attn": run_attn, "run-fused": run_fused}[cmd](*args)
 

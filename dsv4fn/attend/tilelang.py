@@ -72,6 +72,10 @@ WS_NOPE, WS_ROPE, WS_TILE = 448, 64, 64
 WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
 WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
+# ring kernel: 32-key blocks, a ring of RING raw blocks landed in shared memory by bulk copies
+RING_BI = 32
+RING = 4
+RING_ROW = WS_REC + 16  # bytes per key in a raw slot: the 576-byte record, then the 16-byte pair of scale records
 
 # device helpers of the ws kernel (inline PTX only: see _tilelang_compat.DEVICE_SRC)
 WS_DEVICE_SRC = (
@@ -138,6 +142,40 @@ __device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* ou
 __device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
   dsv4fn_dq16_impl<true>(raw, sbyte, out);
 }
+// ring kernel: one key's bulk copies (TMA engine, no registers) into its raw-slot row: the 576-byte record
+// and the 16-byte aligned pair of 8-byte scale records holding its own; completion is counted on the slot's
+// mbarrier (32 arrivals per block, one per key; a key that is not loaded arrives without bytes).
+__device__ __forceinline__ void dsv4fn_bulk_key(void* dst, const void* rec, const void* sc16, void* bar, int ok) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const unsigned m = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+  if (ok) {
+    asm volatile(
+        "fence.proxy.async.shared::cta;\n"
+        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 592;\n"
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%1], [%2], 576, [%0];\n"
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%3], [%4], 16, [%0];\n"
+        :: "r"(m), "r"(d), "l"(rec), "r"(d + 576u), "l"(sc16) : "memory");
+  } else {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(m) : "memory");
+  }
+}
+// 16 / 8 bytes of shared memory into registers, zeros when `ok` is 0
+__device__ __forceinline__ void dsv4fn_lds128(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(src));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(a) : "memory");
+  const unsigned m = ok ? 0xFFFFFFFFu : 0u;
+  d[0] &= m; d[1] &= m; d[2] &= m; d[3] &= m;
+}
+__device__ __forceinline__ void dsv4fn_lds64(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(src));
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(d[0]), "=r"(d[1]) : "r"(a) : "memory");
+  const unsigned m = ok ? 0xFFFFFFFFu : 0u;
+  d[0] &= m; d[1] &= m;
+}
+__device__ __forceinline__ void dsv4fn_syncwarp() { __syncwarp(); }
 // 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
 __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
@@ -176,6 +214,8 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
     """Compiled (main, combine-or-None) kernels for one geometry."""
     if impl == "ws":
         main = _attend_ws_kernel(h, p1, p2, scale, split)
+    elif impl == "ring":
+        main = _attend_ring_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope) if split else None
@@ -185,6 +225,11 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(h: int, p1: int, p2: int, scale: float, split: bool):
     return build_attend_ws(h, p1, p2, scale, split)
+
+
+@jit(pass_configs=WS_PASS_CONFIGS)
+def _attend_ring_kernel(h: int, p1: int, p2: int, scale: float, split: bool):
+    return build_attend_ws(h, p1, p2, scale, split, ring=True)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -199,17 +244,19 @@ def _combine_kernel(h: int, d: int):
 
 def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
     """The attention PrimFunc of the current `ATTN_IMPL` (exposed for the CPU lowering tests)."""
-    if ATTN_IMPL == "ws" and (nope, rope, tile) == (WS_NOPE, WS_ROPE, WS_TILE):
-        return build_attend_ws(h, p1, p2, scale, split)
+    if ATTN_IMPL in ("ws", "ring") and (nope, rope, tile) == (WS_NOPE, WS_ROPE, WS_TILE):
+        return build_attend_ws(h, p1, p2, scale, split, ring=ATTN_IMPL == "ring" and p1 % 2 == 0 and p2 % 2 == 0)
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
-def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
-    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64)."""
+def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: bool = False):
+    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64); `ring`: the
+    ring kernel (32-key blocks landed by bulk copies, see the module docstring)."""
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
-    HB, BI = HEAD_BLOCK, BLOCK_I
+    ROWW = RING_ROW // 4  # raw-slot row in 32-bit words (148)
+    HB, BI = HEAD_BLOCK, (RING_BI if ring else BLOCK_I)
     NHB = (h + HB - 1) // HB
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
@@ -338,6 +385,107 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
             T.barrier_arrive(k_ready[st])
 
     @T.macro
+    def ring_index(Idx1, Idx2, b, sq, nb1, blk, kk):
+        # this thread's key of block `blk` (main list first, then extra)
+        return T.if_then_else(
+            blk < nb1,
+            Idx1[b, sq, T.min(blk * BI + kk, K1 - 1)],
+            Idx2[b, sq, T.min((blk - nb1) * BI + kk, K2 - 1)],
+        )
+
+    @T.macro
+    def ring_issue_one(Cw, P, rpp, n, col0, kk, c, ix, slot, raw_s, okr_s, raw_full):
+        ok = T.if_then_else((col0 + kk < n) & (ix >= 0), 1, 0)
+        s_ = T.max(ix, 0)
+        prow = T.cast(s_ // P, i64) * rpp
+        if c == 0:
+            okr_s[slot, kk] = ok + 2 * ((s_ % P) % 2)
+            T.call_extern(
+                "handle", "dsv4fn_bulk_key", T.address_of(raw_s[slot, kk, 0]),
+                T.address_of(Cw[(prow + s_ % P) * RECW]), T.address_of(Cw[(prow + P) * RECW + ((s_ % P) // 2) * 4]),
+                T.address_of(raw_full[slot]), ok,
+            )  # fmt: skip
+
+    @T.macro
+    def ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk, kk, c, ix, slot, raw_s, okr_s, raw_full):
+        if blk < nb1:
+            ring_issue_one(C1w, p1, rpp1, n1, blk * BI, kk, c, ix, slot, raw_s, okr_s, raw_full)
+        else:
+            ring_issue_one(C2w, p2, rpp2, n2, (blk - nb1) * BI, kk, c, ix, slot, raw_s, okr_s, raw_full)
+
+    def make_ring_dequant(fn: str):
+        """Macro: dequantize this thread's key from its raw-slot row into K_s[st] with the extern `fn`."""
+
+        @T.macro
+        def ring_dequant(st, kk, c, raw, rp, sc, okp, outb, K_s, valid_s):
+            for t in T.unroll(NT):
+                T.call_extern("handle", fn, T.address_of(raw[t, 0]), sc[t // 4] >> (8 * (t % 4)),
+                              T.address_of(outb[0]))  # fmt: skip
+                for v in T.vectorized(16):
+                    K_s[st, kk, t * 64 + c * 16 + v] = outb[v]
+            for t in T.unroll(2):
+                for v in T.vectorized(8):
+                    K_s[st, kk, NOPE + t * 32 + c * 8 + v] = rp[t, v]
+            if c == 0:
+                valid_s[st, kk] = okp[0] % 2
+
+        return ring_dequant
+
+    ring_dequant_fast = make_ring_dequant("dsv4fn_dq16")
+    ring_dequant_big = make_ring_dequant("dsv4fn_dq16_big")
+
+    @T.macro
+    def ring_producer(
+        Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+        K_s, valid_s, k_ready, k_free, raw_s, okr_s, raw_full, p,
+    ):  # fmt: skip
+        # Thread p owns key kk of every block (8 keys per warp) and the 16-byte column c of each 64-byte run
+        # of its record; lane c == 0 issues the key's bulk copies RING blocks ahead (its index is loaded one
+        # block before that), so up to RING blocks stream in while this warpgroup dequantizes.
+        lane = p % 32
+        c = lane // 8
+        kk = (p // 32) * 8 + lane % 8
+        raw = T.alloc_local([NT, 4], i32)
+        rp = T.alloc_local([2, 8], bf16)
+        sc = T.alloc_local([2], i32)
+        ixn = T.alloc_local([1], i32)
+        okp = T.alloc_local([1], i32)
+        outb = T.alloc_local([16], bf16)
+        for j in T.unroll(RING):
+            if j < cnt:
+                ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + j, kk)
+                ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk0 + j, kk, c, ixn[0], j, raw_s, okr_s, raw_full)
+        if cnt > RING:
+            ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + RING, kk)
+        for it in T.serial(cnt):
+            st = it % 2
+            slot = it % RING
+            barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
+            barrier_wait(raw_full, slot, (it // RING) % 2)
+            okp[0] = okr_s[slot, kk]
+            T.call_extern("handle", "dsv4fn_lds64", T.address_of(sc[0]),
+                          T.address_of(raw_s[slot, kk, RECW + (okp[0] // 2) * 2]), okp[0] % 2)  # fmt: skip
+            for t in T.unroll(NT):
+                T.call_extern("handle", "dsv4fn_lds128", T.address_of(raw[t, 0]),
+                              T.address_of(raw_s[slot, kk, t * 16 + c * 4]), okp[0] % 2)  # fmt: skip
+            for t in T.unroll(2):
+                T.call_extern("handle", "dsv4fn_lds128", T.address_of(rp[t, 0]),
+                              T.address_of(raw_s[slot, kk, NOPE // 4 + t * 16 + c * 4]), okp[0] % 2)  # fmt: skip
+            # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
+            if T.call_extern("int32", "dsv4fn_warp_any_big", sc[0], sc[1]) != 0:
+                ring_dequant_big(st, kk, c, raw, rp, sc, okp, outb, K_s, valid_s)
+            else:
+                ring_dequant_fast(st, kk, c, raw, rp, sc, okp, outb, K_s, valid_s)
+            T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
+            T.barrier_arrive(k_ready[st])
+            if it + RING < cnt:
+                T.call_extern("handle", "dsv4fn_syncwarp")  # the warp's reads of this slot are done
+                ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk0 + it + RING, kk, c, ixn[0], slot, raw_s, okr_s,
+                           raw_full)  # fmt: skip
+                if it + RING + 1 < cnt:
+                    ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + it + RING + 1, kk)
+
+    @T.macro
     def consumer0(
         Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
         acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha,
@@ -399,6 +547,10 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
             valid_s = T.alloc_shared([2, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
+            if ring:
+                raw_s = T.alloc_shared([RING, BI, ROWW], i32)
+                okr_s = T.alloc_shared([RING, BI], i32)
+                raw_full = T.alloc_barrier([BI] * RING)
             k_ready = T.alloc_barrier([128, 128])
             k_free = T.alloc_barrier([256, 256])
             s_ready = T.alloc_barrier(128)
@@ -470,8 +622,12 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool):
                             Out[b, sq, h0 + i, DH + d] = T.cast(acc_o[i, d] * alpha[i], bf16)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
-                producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                         K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
+                if ring:
+                    ring_producer(Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                                  K_s, valid_s, k_ready, k_free, raw_s, okr_s, raw_full, tx - 256)  # fmt: skip
+                else:
+                    producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                             K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
 
         return body
 
@@ -775,7 +931,7 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
         return max(1, int(FORCE_SPLITS))
     programs = b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
-    if impl == "ws":
+    if impl in ("ws", "ring"):
         if programs >= (3 * NUM_SMS_TARGET) // 4 or blocks <= 1:
             return 1
         return max(1, min(blocks, NUM_SMS_TARGET // programs, 16))
@@ -801,9 +957,10 @@ def _ws_usable(data: Tensor, nope: int, rope: int, tile: int) -> bool:
     )
 
 
-def _impl_for(data1: Tensor, data2: Tensor, nope: int, rope: int, tile: int) -> str:
-    if ATTN_IMPL == "ws" and _ws_usable(data1, nope, rope, tile) and _ws_usable(data2, nope, rope, tile):
-        return "ws"
+def _impl_for(data1: Tensor, data2: Tensor, nope: int, rope: int, tile: int, p1: int = 2, p2: int = 2) -> str:
+    if ATTN_IMPL in ("ws", "ring") and _ws_usable(data1, nope, rope, tile) and _ws_usable(data2, nope, rope, tile):
+        # the ring kernel copies a key's scale record as the 16-byte aligned pair holding it: even page sizes
+        return "ring" if ATTN_IMPL == "ring" and p1 % 2 == 0 and p2 % 2 == 0 else "ws"
     return "legacy"
 
 
@@ -827,10 +984,10 @@ def tl_sparse_attention(
     """Flat op: q bf16 [b, s_q, h, d]; caches as raw uint8 pages; lens int32 [b] (always given);
     sink fp32 [h] (-inf = no sink). Returns (o bf16 [b, s_q, h, d], lse fp32 [b, h, s_q])."""
     b, s_q, h, d = q.shape
-    impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
+    impl = _impl_for(data1, data2, nope_dim, rope_dim, tile, page_size1, page_size2)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1)
-    if impl == "ws":
+    if impl in ("ws", "ring"):
         w1, h1, st1 = _cache_views_ws(data1)
         w2, h2, st2 = _cache_views_ws(data2)
         cache_args = (w1, h1, indices2, lens2, w2, h2)
