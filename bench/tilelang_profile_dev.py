@@ -3,6 +3,7 @@
 fused indexer top-k goes. Every variant is checked against the torch reference before it is timed.
 
     python -m bench.tilelang_profile_dev attn-scan [IMPL...]  # attention (ws, ring): time vs keys per row
+    python -m bench.tilelang_profile_dev attn-probe     # attention ws: time with stages left out
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -61,6 +62,28 @@ def attn_scan(*impls: str) -> None:
                 line.append(f"{extra}:{t:6.1f}{'' if ok is None else '!FAIL'}")
             print(" ".join(line), flush=True)
         attn.ATTN_IMPL = "ws"
+
+
+PROBES = ("", "no_qk", "no_pv", "no_softmax", "no_dq", "no_qk,no_pv", "no_qk,no_pv,no_softmax", "no_dq,no_qk,no_pv")
+
+
+def attn_probe() -> None:
+    """The ws kernel with stages left out (wrong results, timing only): which stage bounds a block."""
+    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr) for pr in PROBES])
+    print("attention ws, direct (1 split), window 128 + 512; stages left out; graphflush us")
+    for b in (128, 256):
+        q, c1, i1, l1, kw = _attn_case(b, 512)
+        w1, h1, st1 = attn._cache_views_ws(c1.data)
+        w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
+        o = torch.empty_like(q)
+        lse = torch.empty((b, 64, 1), dtype=torch.float32, device="cuda")
+        line = [f"b={b}"]
+        for pr in PROBES:
+            k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr)
+            args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
+            t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
+            line.append(f"{pr or 'full'}:{t:.1f}")
+        print("  ".join(line), flush=True)
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
@@ -142,7 +165,7 @@ def main() -> None:
     cmd = sys.argv[1]
     args = sys.argv[2:] if cmd == "attn-scan" else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    {"attn-scan": attn_scan, "fused-sweep": fused_sweep, "run-attn": run_attn, "run-fused": run_fused}[cmd](*args)
+    {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "run-attn": run_attn, "run-fused": run_fused}[cmd](*args)
 
 
 if __name__ == "__main__":

@@ -223,8 +223,8 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
 
 
 @jit(pass_configs=WS_PASS_CONFIGS)
-def _attend_ws_kernel(h: int, p1: int, p2: int, scale: float, split: bool):
-    return build_attend_ws(h, p1, p2, scale, split)
+def _attend_ws_kernel(h: int, p1: int, p2: int, scale: float, split: bool, probe: str = ""):
+    return build_attend_ws(h, p1, p2, scale, split, probe=probe)
 
 
 @jit(pass_configs=WS_PASS_CONFIGS)
@@ -249,9 +249,11 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
-def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: bool = False):
+def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: bool = False, probe: str = ""):
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64); `ring`: the
-    ring kernel (32-key blocks landed by bulk copies, see the module docstring)."""
+    ring kernel (32-key blocks landed by bulk copies, see the module docstring). `probe` (development only,
+    wrong results): comma list of stages left out to time the rest: no_qk, no_pv, no_dq, no_softmax."""
+    probes = set(filter(None, probe.split(",")))
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
@@ -371,7 +373,10 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
             for r in T.unroll(2):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
-                if T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
+                if "no_dq" in probes:
+                    if c == 0:
+                        valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
+                elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
                     dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
                     dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
@@ -499,17 +504,19 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             barrier_wait(k_ready, st, (it // 2) % 2)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
-            T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            T.copy(m_i, m_prev)
-            T.reduce_max(acc_s, m_i, dim=1, clear=False)
-            for i in T.Parallel(HB):
-                m_i[i] = T.max(m_i[i], m_prev[i])
-                alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
-            for i, j in T.Parallel(HB, BI):
-                acc_s[i, j] = T.exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
-            T.reduce_sum(acc_s, sum_i, dim=1)
-            for i in T.Parallel(HB):
-                sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
+            if "no_qk" not in probes:
+                T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            if "no_softmax" not in probes:
+                T.copy(m_i, m_prev)
+                T.reduce_max(acc_s, m_i, dim=1, clear=False)
+                for i in T.Parallel(HB):
+                    m_i[i] = T.max(m_i[i], m_prev[i])
+                    alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
+                for i, j in T.Parallel(HB, BI):
+                    acc_s[i, j] = T.exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
+                T.reduce_sum(acc_s, sum_i, dim=1)
+                for i in T.Parallel(HB):
+                    sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
             if it > 0:
@@ -519,7 +526,8 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
             T.barrier_arrive(s_ready)
             named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
-            T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            if "no_pv" not in probes:
+                T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             T.barrier_arrive(k_free[st])
 
     @T.macro
@@ -531,7 +539,8 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
-            T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            if "no_pv" not in probes:
+                T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
 
