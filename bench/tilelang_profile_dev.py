@@ -165,7 +165,9 @@ def main() -> None:
     cmd = sys.argv[1]
     args = sys.argv[2:] if cmd == "attn-scan" else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "run-attn": run_attn, "run-fused": run_fused}[cmd](*args)
+    cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep}
+    cmds.update({"run-attn": run_attn, "run-fused": run_fused})
+    cmds[cmd](*args)
 
 
 if __name__ == "__main__":

@@ -517,6 +517,9 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
                 T.reduce_sum(acc_s, sum_i, dim=1)
                 for i in T.Parallel(HB):
                     sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
+            else:
+                for i in T.Parallel(HB):
+                    alpha[i] = 1.0
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
             if it > 0:
