@@ -68,6 +68,9 @@ FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (Non
 # (224, 160, 120): no spills in any variant (ptxas 13.0, checked on CPU with nvcc -arch=sm_90a).
 WS_THREADS = 384
 REG_WG0, REG_WG1, REG_PRODUCER = 224, 160, 120
+# ring kernel: the producer dequantizes nope tiles 0..RING_TILES_P-1 of each key, consumer warpgroup 1 (idle
+# while warpgroup 0 computes Q K^T and the softmax) the other tiles and copies the rope part
+RING_TILES_P = 4
 WS_NOPE, WS_ROPE, WS_TILE = 448, 64, 64
 WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
@@ -418,44 +421,68 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
         else:
             ring_issue_one(C2w, p2, rpp2, n2, (blk - nb1) * BI, kk, c, ix, slot, raw_s, okr_s, raw_full)
 
-    def make_ring_dequant(fn: str):
-        """Macro: dequantize this thread's key from its raw-slot row into K_s[st] with the extern `fn`."""
+    def make_ring_share(fn: str, t0: int, t1: int, rope: bool):
+        """Macro: dequantize nope tiles t0..t1-1 (and copy the rope part when `rope`) of this thread's key from
+        its raw-slot row into K_s[st] with the extern `fn`, one 16-byte run at a time."""
 
         @T.macro
-        def ring_dequant(st, kk, c, raw, rp, sc, okp, outb, K_s, valid_s):
-            for t in T.unroll(NT):
-                T.call_extern("handle", fn, T.address_of(raw[t, 0]), sc[t // 4] >> (8 * (t % 4)),
+        def share(raw_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s):
+            for tt in T.unroll(t1 - t0):
+                T.call_extern("handle", "dsv4fn_lds128", T.address_of(raw[0]),
+                              T.address_of(raw_s[slot, kk, (t0 + tt) * 16 + c * 4]), okp[0] % 2)  # fmt: skip
+                T.call_extern("handle", fn, T.address_of(raw[0]), sc[(t0 + tt) // 4] >> (8 * ((t0 + tt) % 4)),
                               T.address_of(outb[0]))  # fmt: skip
                 for v in T.vectorized(16):
-                    K_s[st, kk, t * 64 + c * 16 + v] = outb[v]
-            for t in T.unroll(2):
-                for v in T.vectorized(8):
-                    K_s[st, kk, NOPE + t * 32 + c * 8 + v] = rp[t, v]
-            if c == 0:
-                valid_s[st, kk] = okp[0] % 2
+                    K_s[st, kk, (t0 + tt) * 64 + c * 16 + v] = outb[v]
+            if rope:
+                for t in T.unroll(2):
+                    T.call_extern("handle", "dsv4fn_lds128", T.address_of(rp[0]),
+                                  T.address_of(raw_s[slot, kk, NOPE // 4 + t * 16 + c * 4]), okp[0] % 2)  # fmt: skip
+                    for v in T.vectorized(8):
+                        K_s[st, kk, NOPE + t * 32 + c * 8 + v] = rp[v]
 
-        return ring_dequant
+        return share
 
-    ring_dequant_fast = make_ring_dequant("dsv4fn_dq16")
-    ring_dequant_big = make_ring_dequant("dsv4fn_dq16_big")
+    def make_ring_dequant(t0: int, t1: int, rope: bool):
+        fast = make_ring_share("dsv4fn_dq16", t0, t1, rope)
+        big = make_ring_share("dsv4fn_dq16_big", t0, t1, rope)
+
+        @T.macro
+        def dequant(raw_s, okr_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s):
+            okp[0] = okr_s[slot, kk]
+            T.call_extern("handle", "dsv4fn_lds64", T.address_of(sc[0]),
+                          T.address_of(raw_s[slot, kk, RECW + (okp[0] // 2) * 2]), okp[0] % 2)  # fmt: skip
+            # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
+            if T.call_extern("int32", "dsv4fn_warp_any_big", sc[0], sc[1]) != 0:
+                big(raw_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s)
+            else:
+                fast(raw_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s)
+
+        return dequant
+
+    ring_dequant_p = make_ring_dequant(0, RING_TILES_P, False)  # producer's share
+    ring_dequant_w = make_ring_dequant(RING_TILES_P, NT, True)  # consumer warpgroup 1's share
+
+    @T.macro
+    def ring_locals():
+        return (
+            T.alloc_local([4], i32), T.alloc_local([8], bf16), T.alloc_local([2], i32), T.alloc_local([1], i32),
+            T.alloc_local([16], bf16),
+        )  # fmt: skip
 
     @T.macro
     def ring_producer(
         Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, raw_s, okr_s, raw_full, p,
+        K_s, valid_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, p,
     ):  # fmt: skip
-        # Thread p owns key kk of every block (8 keys per warp) and the 16-byte column c of each 64-byte run
-        # of its record; lane c == 0 issues the key's bulk copies RING blocks ahead (its index is loaded one
-        # block before that), so up to RING blocks stream in while this warpgroup dequantizes.
+        # Thread p owns key kk of every block (8 keys per warp) and the 16-byte column c of each 64-byte run of
+        # its record; lane c == 0 issues the key's bulk copies RING blocks ahead (its index loaded one block
+        # before that), so up to RING blocks stream in while the producer (and warpgroup 1) dequantize.
         lane = p % 32
         c = lane // 8
         kk = (p // 32) * 8 + lane % 8
-        raw = T.alloc_local([NT, 4], i32)
-        rp = T.alloc_local([2, 8], bf16)
-        sc = T.alloc_local([2], i32)
+        raw, rp, sc, okp, outb = ring_locals()
         ixn = T.alloc_local([1], i32)
-        okp = T.alloc_local([1], i32)
-        outb = T.alloc_local([16], bf16)
         for j in T.unroll(RING):
             if j < cnt:
                 ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + j, kk)
@@ -467,28 +494,30 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             slot = it % RING
             barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
             barrier_wait(raw_full, slot, (it // RING) % 2)
-            okp[0] = okr_s[slot, kk]
-            T.call_extern("handle", "dsv4fn_lds64", T.address_of(sc[0]),
-                          T.address_of(raw_s[slot, kk, RECW + (okp[0] // 2) * 2]), okp[0] % 2)  # fmt: skip
-            for t in T.unroll(NT):
-                T.call_extern("handle", "dsv4fn_lds128", T.address_of(raw[t, 0]),
-                              T.address_of(raw_s[slot, kk, t * 16 + c * 4]), okp[0] % 2)  # fmt: skip
-            for t in T.unroll(2):
-                T.call_extern("handle", "dsv4fn_lds128", T.address_of(rp[t, 0]),
-                              T.address_of(raw_s[slot, kk, NOPE // 4 + t * 16 + c * 4]), okp[0] % 2)  # fmt: skip
-            # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
-            if T.call_extern("int32", "dsv4fn_warp_any_big", sc[0], sc[1]) != 0:
-                ring_dequant_big(st, kk, c, raw, rp, sc, okp, outb, K_s, valid_s)
-            else:
-                ring_dequant_fast(st, kk, c, raw, rp, sc, okp, outb, K_s, valid_s)
+            ring_dequant_p(raw_s, okr_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s)
+            if c == 0:
+                valid_s[st, kk] = okp[0] % 2
             T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
             T.barrier_arrive(k_ready[st])
             if it + RING < cnt:
-                T.call_extern("handle", "dsv4fn_syncwarp")  # the warp's reads of this slot are done
+                barrier_wait(raw_free, slot, (it // RING) % 2)  # warpgroup 1 is done with this slot too
+                T.call_extern("handle", "dsv4fn_syncwarp")  # and so is this warp
                 ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk0 + it + RING, kk, c, ixn[0], slot, raw_s, okr_s,
                            raw_full)  # fmt: skip
                 if it + RING + 1 < cnt:
                     ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + it + RING + 1, kk)
+
+    @T.macro
+    def ring_share_w(j, p, K_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, raw, rp, sc, okp, outb):
+        # warpgroup 1's share of block j (its K buffer freed by the P V of block j-2)
+        lane = p % 32
+        barrier_wait(k_free, j % 2, ((j // 2) % 2) ^ 1)
+        barrier_wait(raw_full, j % RING, (j // RING) % 2)
+        ring_dequant_w(raw_s, okr_s, j % RING, j % 2, (p // 32) * 8 + lane % 8, lane // 8, raw, rp, sc, okp, outb,
+                       K_s)  # fmt: skip
+        T.fence_proxy_async()
+        T.barrier_arrive(k_ready[j % 2])
+        T.barrier_arrive(raw_free[j % RING])
 
     @T.macro
     def consumer0(
@@ -547,6 +576,26 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
 
+    @T.macro
+    def consumer1_ring(K_s, S_s, alpha_s, k_ready, k_free, s_ready, s_free, cnt, acc_o, alpha, raw_s, okr_s, raw_full,
+                       raw_free, p):  # fmt: skip
+        raw, rp, sc, okp, outb = ring_locals()
+        T.fill(acc_o, 0)
+        for j in T.unroll(2):
+            if j < cnt:
+                ring_share_w(j, p, K_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, raw, rp, sc, okp, outb)
+        for it in T.serial(cnt):
+            st = it % 2
+            barrier_wait(s_ready, 0, it % 2)
+            T.copy(alpha_s, alpha)
+            for i, d in T.Parallel(HB, DH):
+                acc_o[i, d] = acc_o[i, d] * alpha[i]
+            T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            T.barrier_arrive(s_free)
+            T.barrier_arrive(k_free[st])
+            if it + 2 < cnt:
+                ring_share_w(it + 2, p, K_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, raw, rp, sc, okp, outb)
+
     def kernel_body(split_mode: bool):
         """The shared prologue / role split as a macro taking the epilogue outputs."""
 
@@ -563,7 +612,10 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
                 raw_s = T.alloc_shared([RING, BI, ROWW], i32)
                 okr_s = T.alloc_shared([RING, BI], i32)
                 raw_full = T.alloc_barrier([BI] * RING)
-            k_ready = T.alloc_barrier([128, 128])
+                raw_free = T.alloc_barrier([128] * RING)
+                k_ready = T.alloc_barrier([256, 256])  # producer + warpgroup 1
+            else:
+                k_ready = T.alloc_barrier([128, 128])
             k_free = T.alloc_barrier([256, 256])
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
@@ -621,7 +673,11 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha)
+                if ring:
+                    consumer1_ring(K_s, S_s, alpha_s, k_ready, k_free, s_ready, s_free, cnt, acc_o, alpha, raw_s, okr_s,
+                                   raw_full, raw_free, tx - 128)  # fmt: skip
+                else:
+                    consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha)
                 barrier_wait(epi, 0, 0)
                 T.copy(fac_s, alpha)
                 if split_mode:
@@ -635,8 +691,8 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 if ring:
-                    ring_producer(Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                                  K_s, valid_s, k_ready, k_free, raw_s, okr_s, raw_full, tx - 256)  # fmt: skip
+                    ring_producer(Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt, K_s, valid_s,
+                                  k_ready, k_free, raw_s, okr_s, raw_full, raw_free, tx - 256)  # fmt: skip
                 else:
                     producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                              K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
