@@ -2,7 +2,7 @@
 """Dev probes of the TileLang kernels on one GPU (issue 6): where the time of the attention decode and of the
 fused indexer top-k goes. Every variant is checked against the torch reference before it is timed.
 
-    python -m bench.tilelang_profile_dev attn-scan [IMPL...]  # attention (ws, ring): time vs keys per row
+    python -m bench.tilelang_profile_dev attn-scan [IMPL...]  # attention (ws, legacy): time vs keys per row
     python -m bench.tilelang_profile_dev attn-probe     # attention ws: time with stages left out
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
@@ -45,7 +45,7 @@ def _attn_case(b: int, extra: int):
 
 
 def attn_scan(*impls: str) -> None:
-    impls = impls or ("ws", "ring")
+    impls = impls or ("ws",)
     compat.precompile(
         [lambda i=i, s=s: attn._kernels(i, 64, 448, 64, 64, 64, 64, SCALE, s) for i in impls for s in (False, True)]
     )
@@ -145,8 +145,7 @@ def fused_sweep() -> None:
         torch.cuda.empty_cache()
 
 
-def run_attn(b: int, ring: int = 0) -> None:
-    attn.ATTN_IMPL = "ring" if ring else "ws"
+def run_attn(b: int) -> None:
     q, c1, i1, l1, kw = _attn_case(b, 512)
     for _ in range(3):
         attn.sparse_attention(q, c1, i1, l1, **kw)

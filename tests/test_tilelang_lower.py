@@ -55,30 +55,6 @@ def test_attention_ws_lowers(h, split):
     assert "__sync_thread_partial" not in body
 
 
-@pytest.mark.parametrize(("h", "split"), [(64, False), (64, True), (128, False), (8, False)],
-                         ids=["flash", "flash-split", "pro", "8heads"])  # fmt: skip
-def test_attention_ring_lowers(h, split):
-    src = _lower(attn.build_attend_ws(h, 64, 128, SCALE, split, ring=True), attn.WS_PASS_CONFIGS)
-    body = _body(src)
-    assert "__launch_bounds__(384, 1)" in src
-    # 32-key blocks: QK^T m64n32k16, P V two warpgroups x m64n256k16
-    assert "wgmma_ss<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32, 64, 32, 16" in body
-    assert body.count("64, 256, 16, false, true") == 2
-    # keys land by bulk copies (prologue + steady state, main / extra list) on a ring of RING mbarriers of
-    # 32 arrivals; the producer reads them back from shared memory (7 nope + 2 rope 16-byte chunks per thread)
-    assert body.count("dsv4fn_bulk_key(") == 4
-    assert sum(f"raw_full[{i}].init(32)" in src for i in range(attn.RING)) == attn.RING
-    assert body.count("dsv4fn_lds128(") == 2 and "dsv4fn_ld128(" not in body
-    assert body.count("__syncthreads()") == 1 and "__sync_thread_partial" not in body
-
-
-def test_attention_ring_smem_fits():
-    """Q, two bf16 K blocks, P, the raw ring and the flags fit Hopper's 227 KB of shared memory per CTA."""
-    total = 64 * 512 * 2 + 2 * attn.RING_BI * 512 * 2 + 64 * attn.RING_BI * 2 + attn.RING * attn.RING_BI * attn.RING_ROW
-    assert total + 4096 <= 227 * 1024, total
-    assert attn.RING_ROW % 16 == 0 and attn.WS_REC % 16 == 0  # bulk copies: 16-byte sizes and addresses
-
-
 def test_attention_ws_register_budget():
     """setmaxnreg.inc waits for registers released by the other warpgroups: the three budgets must fit in
     what the CTA was launched with (168 per thread at 384 threads), or warpgroup 0 hangs."""
@@ -107,9 +83,6 @@ def test_attention_impl_selection():
         assert attn._impl_for(cache, cache, 448, 64, 64) == "legacy"
         attn.ATTN_IMPL = "ws"
         assert attn._impl_for(cache, cache, 448, 64, 64) == "ws"
-        attn.ATTN_IMPL = "ring"
-        assert attn._impl_for(cache, cache, 448, 64, 64, 64, 128) == "ring"
-        assert attn._impl_for(cache, cache, 448, 64, 64, 64, 3) == "ws"  # odd page size: no 16-byte scale pairs
     finally:
         attn.ATTN_IMPL = old
     # ws splits: fill the SMs only while the rows alone cannot (shapes only, no host sync)

@@ -68,17 +68,10 @@ FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (Non
 # (224, 160, 120): no spills in any variant (ptxas 13.0, checked on CPU with nvcc -arch=sm_90a).
 WS_THREADS = 384
 REG_WG0, REG_WG1, REG_PRODUCER = 224, 160, 120
-# ring kernel: the producer dequantizes nope tiles 0..RING_TILES_P-1 of each key, consumer warpgroup 1 (idle
-# while warpgroup 0 computes Q K^T and the softmax) the other tiles and copies the rope part
-RING_TILES_P = 4
 WS_NOPE, WS_ROPE, WS_TILE = 448, 64, 64
 WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
 WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
-# ring kernel: 32-key blocks, a ring of RING raw blocks landed in shared memory by bulk copies
-RING_BI = 32
-RING = 4
-RING_ROW = WS_REC + 16  # bytes per key in a raw slot: the 576-byte record, then the 16-byte pair of scale records
 
 # device helpers of the ws kernel (inline PTX only: see _tilelang_compat.DEVICE_SRC)
 WS_DEVICE_SRC = (
@@ -145,40 +138,6 @@ __device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* ou
 __device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
   dsv4fn_dq16_impl<true>(raw, sbyte, out);
 }
-// ring kernel: one key's bulk copies (TMA engine, no registers) into its raw-slot row: the 576-byte record
-// and the 16-byte aligned pair of 8-byte scale records holding its own; completion is counted on the slot's
-// mbarrier (32 arrivals per block, one per key; a key that is not loaded arrives without bytes).
-__device__ __forceinline__ void dsv4fn_bulk_key(void* dst, const void* rec, const void* sc16, void* bar, int ok) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  const unsigned m = static_cast<unsigned>(__cvta_generic_to_shared(bar));
-  if (ok) {
-    asm volatile(
-        "fence.proxy.async.shared::cta;\n"
-        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 592;\n"
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%1], [%2], 576, [%0];\n"
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%3], [%4], 16, [%0];\n"
-        :: "r"(m), "r"(d), "l"(rec), "r"(d + 576u), "l"(sc16) : "memory");
-  } else {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(m) : "memory");
-  }
-}
-// 16 / 8 bytes of shared memory into registers, zeros when `ok` is 0
-__device__ __forceinline__ void dsv4fn_lds128(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(src));
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(a) : "memory");
-  const unsigned m = ok ? 0xFFFFFFFFu : 0u;
-  d[0] &= m; d[1] &= m; d[2] &= m; d[3] &= m;
-}
-__device__ __forceinline__ void dsv4fn_lds64(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(src));
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(d[0]), "=r"(d[1]) : "r"(a) : "memory");
-  const unsigned m = ok ? 0xFFFFFFFFu : 0u;
-  d[0] &= m; d[1] &= m;
-}
-__device__ __forceinline__ void dsv4fn_syncwarp() { __syncwarp(); }
 // 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
 __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
@@ -217,8 +176,6 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
     """Compiled (main, combine-or-None) kernels for one geometry."""
     if impl == "ws":
         main = _attend_ws_kernel(h, p1, p2, scale, split)
-    elif impl == "ring":
-        main = _attend_ring_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope) if split else None
@@ -227,12 +184,7 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
 
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(h: int, p1: int, p2: int, scale: float, split: bool, probe: str = ""):
-    return build_attend_ws(h, p1, p2, scale, split, probe=probe)
-
-
-@jit(pass_configs=WS_PASS_CONFIGS)
-def _attend_ring_kernel(h: int, p1: int, p2: int, scale: float, split: bool):
-    return build_attend_ws(h, p1, p2, scale, split, ring=True)
+    return build_attend_ws(h, p1, p2, scale, split, probe)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -247,21 +199,20 @@ def _combine_kernel(h: int, d: int):
 
 def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
     """The attention PrimFunc of the current `ATTN_IMPL` (exposed for the CPU lowering tests)."""
-    if ATTN_IMPL in ("ws", "ring") and (nope, rope, tile) == (WS_NOPE, WS_ROPE, WS_TILE):
-        return build_attend_ws(h, p1, p2, scale, split, ring=ATTN_IMPL == "ring" and p1 % 2 == 0 and p2 % 2 == 0)
+    if ATTN_IMPL == "ws" and (nope, rope, tile) == (WS_NOPE, WS_ROPE, WS_TILE):
+        return build_attend_ws(h, p1, p2, scale, split)
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
-def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: bool = False, probe: str = ""):
-    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64); `ring`: the
-    ring kernel (32-key blocks landed by bulk copies, see the module docstring). `probe` (development only,
-    wrong results): comma list of stages left out to time the rest: no_qk, no_pv, no_dq, no_softmax."""
+def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: str = ""):
+    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64). `probe`
+    (development only, wrong results): comma list of stages left out, to time the rest (bench/
+    tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax."""
     probes = set(filter(None, probe.split(",")))
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
-    ROWW = RING_ROW // 4  # raw-slot row in 32-bit words (148)
-    HB, BI = HEAD_BLOCK, (RING_BI if ring else BLOCK_I)
+    HB, BI = HEAD_BLOCK, BLOCK_I
     NHB = (h + HB - 1) // HB
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
@@ -376,7 +327,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
             for r in T.unroll(2):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
-                if "no_dq" in probes:
+                if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
                 elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
@@ -391,133 +342,6 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
             T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
             T.barrier_arrive(k_ready[st])
-
-    @T.macro
-    def ring_index(Idx1, Idx2, b, sq, nb1, blk, kk):
-        # this thread's key of block `blk` (main list first, then extra)
-        return T.if_then_else(
-            blk < nb1,
-            Idx1[b, sq, T.min(blk * BI + kk, K1 - 1)],
-            Idx2[b, sq, T.min((blk - nb1) * BI + kk, K2 - 1)],
-        )
-
-    @T.macro
-    def ring_issue_one(Cw, P, rpp, n, col0, kk, c, ix, slot, raw_s, okr_s, raw_full):
-        ok = T.if_then_else((col0 + kk < n) & (ix >= 0), 1, 0)
-        s_ = T.max(ix, 0)
-        prow = T.cast(s_ // P, i64) * rpp
-        if c == 0:
-            okr_s[slot, kk] = ok + 2 * ((s_ % P) % 2)
-            T.call_extern(
-                "handle", "dsv4fn_bulk_key", T.address_of(raw_s[slot, kk, 0]),
-                T.address_of(Cw[(prow + s_ % P) * RECW]), T.address_of(Cw[(prow + P) * RECW + ((s_ % P) // 2) * 4]),
-                T.address_of(raw_full[slot]), ok,
-            )  # fmt: skip
-
-    @T.macro
-    def ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk, kk, c, ix, slot, raw_s, okr_s, raw_full):
-        if blk < nb1:
-            ring_issue_one(C1w, p1, rpp1, n1, blk * BI, kk, c, ix, slot, raw_s, okr_s, raw_full)
-        else:
-            ring_issue_one(C2w, p2, rpp2, n2, (blk - nb1) * BI, kk, c, ix, slot, raw_s, okr_s, raw_full)
-
-    def make_ring_share(fn: str, t0: int, t1: int, rope: bool):
-        """Macro: dequantize nope tiles t0..t1-1 (and copy the rope part when `rope`) of this thread's key from
-        its raw-slot row into K_s[st] with the extern `fn`, one 16-byte run at a time."""
-
-        @T.macro
-        def share(raw_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s):
-            for tt in T.unroll(t1 - t0):
-                T.call_extern("handle", "dsv4fn_lds128", T.address_of(raw[0]),
-                              T.address_of(raw_s[slot, kk, (t0 + tt) * 16 + c * 4]), okp[0] % 2)  # fmt: skip
-                T.call_extern("handle", fn, T.address_of(raw[0]), sc[(t0 + tt) // 4] >> (8 * ((t0 + tt) % 4)),
-                              T.address_of(outb[0]))  # fmt: skip
-                for v in T.vectorized(16):
-                    K_s[st, kk, (t0 + tt) * 64 + c * 16 + v] = outb[v]
-            if rope:
-                for t in T.unroll(2):
-                    T.call_extern("handle", "dsv4fn_lds128", T.address_of(rp[0]),
-                                  T.address_of(raw_s[slot, kk, NOPE // 4 + t * 16 + c * 4]), okp[0] % 2)  # fmt: skip
-                    for v in T.vectorized(8):
-                        K_s[st, kk, NOPE + t * 32 + c * 8 + v] = rp[v]
-
-        return share
-
-    def make_ring_dequant(t0: int, t1: int, rope: bool):
-        fast = make_ring_share("dsv4fn_dq16", t0, t1, rope)
-        big = make_ring_share("dsv4fn_dq16_big", t0, t1, rope)
-
-        @T.macro
-        def dequant(raw_s, okr_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s):
-            okp[0] = okr_s[slot, kk]
-            T.call_extern("handle", "dsv4fn_lds64", T.address_of(sc[0]),
-                          T.address_of(raw_s[slot, kk, RECW + (okp[0] // 2) * 2]), okp[0] % 2)  # fmt: skip
-            # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
-            if T.call_extern("int32", "dsv4fn_warp_any_big", sc[0], sc[1]) != 0:
-                big(raw_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s)
-            else:
-                fast(raw_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s)
-
-        return dequant
-
-    ring_dequant_p = make_ring_dequant(0, RING_TILES_P, False)  # producer's share
-    ring_dequant_w = make_ring_dequant(RING_TILES_P, NT, True)  # consumer warpgroup 1's share
-
-    @T.macro
-    def ring_locals():
-        return (
-            T.alloc_local([4], i32), T.alloc_local([8], bf16), T.alloc_local([2], i32), T.alloc_local([1], i32),
-            T.alloc_local([16], bf16),
-        )  # fmt: skip
-
-    @T.macro
-    def ring_producer(
-        Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, p,
-    ):  # fmt: skip
-        # Thread p owns key kk of every block (8 keys per warp) and the 16-byte column c of each 64-byte run of
-        # its record; lane c == 0 issues the key's bulk copies RING blocks ahead (its index loaded one block
-        # before that), so up to RING blocks stream in while the producer (and warpgroup 1) dequantize.
-        lane = p % 32
-        c = lane // 8
-        kk = (p // 32) * 8 + lane % 8
-        raw, rp, sc, okp, outb = ring_locals()
-        ixn = T.alloc_local([1], i32)
-        for j in T.unroll(RING):
-            if j < cnt:
-                ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + j, kk)
-                ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk0 + j, kk, c, ixn[0], j, raw_s, okr_s, raw_full)
-        if cnt > RING:
-            ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + RING, kk)
-        for it in T.serial(cnt):
-            st = it % 2
-            slot = it % RING
-            barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
-            barrier_wait(raw_full, slot, (it // RING) % 2)
-            ring_dequant_p(raw_s, okr_s, slot, st, kk, c, raw, rp, sc, okp, outb, K_s)
-            if c == 0:
-                valid_s[st, kk] = okp[0] % 2
-            T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
-            T.barrier_arrive(k_ready[st])
-            if it + RING < cnt:
-                barrier_wait(raw_free, slot, (it // RING) % 2)  # warpgroup 1 is done with this slot too
-                T.call_extern("handle", "dsv4fn_syncwarp")  # and so is this warp
-                ring_issue(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk0 + it + RING, kk, c, ixn[0], slot, raw_s, okr_s,
-                           raw_full)  # fmt: skip
-                if it + RING + 1 < cnt:
-                    ixn[0] = ring_index(Idx1, Idx2, b, sq, nb1, blk0 + it + RING + 1, kk)
-
-    @T.macro
-    def ring_share_w(j, p, K_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, raw, rp, sc, okp, outb):
-        # warpgroup 1's share of block j (its K buffer freed by the P V of block j-2)
-        lane = p % 32
-        barrier_wait(k_free, j % 2, ((j // 2) % 2) ^ 1)
-        barrier_wait(raw_full, j % RING, (j // RING) % 2)
-        ring_dequant_w(raw_s, okr_s, j % RING, j % 2, (p // 32) * 8 + lane % 8, lane // 8, raw, rp, sc, okp, outb,
-                       K_s)  # fmt: skip
-        T.fence_proxy_async()
-        T.barrier_arrive(k_ready[j % 2])
-        T.barrier_arrive(raw_free[j % RING])
 
     @T.macro
     def consumer0(
@@ -576,26 +400,6 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
 
-    @T.macro
-    def consumer1_ring(K_s, S_s, alpha_s, k_ready, k_free, s_ready, s_free, cnt, acc_o, alpha, raw_s, okr_s, raw_full,
-                       raw_free, p):  # fmt: skip
-        raw, rp, sc, okp, outb = ring_locals()
-        T.fill(acc_o, 0)
-        for j in T.unroll(2):
-            if j < cnt:
-                ring_share_w(j, p, K_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, raw, rp, sc, okp, outb)
-        for it in T.serial(cnt):
-            st = it % 2
-            barrier_wait(s_ready, 0, it % 2)
-            T.copy(alpha_s, alpha)
-            for i, d in T.Parallel(HB, DH):
-                acc_o[i, d] = acc_o[i, d] * alpha[i]
-            T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
-            T.barrier_arrive(s_free)
-            T.barrier_arrive(k_free[st])
-            if it + 2 < cnt:
-                ring_share_w(it + 2, p, K_s, k_ready, k_free, raw_s, okr_s, raw_full, raw_free, raw, rp, sc, okp, outb)
-
     def kernel_body(split_mode: bool):
         """The shared prologue / role split as a macro taking the epilogue outputs."""
 
@@ -608,14 +412,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
             valid_s = T.alloc_shared([2, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            if ring:
-                raw_s = T.alloc_shared([RING, BI, ROWW], i32)
-                okr_s = T.alloc_shared([RING, BI], i32)
-                raw_full = T.alloc_barrier([BI] * RING)
-                raw_free = T.alloc_barrier([128] * RING)
-                k_ready = T.alloc_barrier([256, 256])  # producer + warpgroup 1
-            else:
-                k_ready = T.alloc_barrier([128, 128])
+            k_ready = T.alloc_barrier([128, 128])
             k_free = T.alloc_barrier([256, 256])
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
@@ -673,11 +470,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                if ring:
-                    consumer1_ring(K_s, S_s, alpha_s, k_ready, k_free, s_ready, s_free, cnt, acc_o, alpha, raw_s, okr_s,
-                                   raw_full, raw_free, tx - 128)  # fmt: skip
-                else:
-                    consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha)
+                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha)
                 barrier_wait(epi, 0, 0)
                 T.copy(fac_s, alpha)
                 if split_mode:
@@ -690,12 +483,8 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, ring: b
                             Out[b, sq, h0 + i, DH + d] = T.cast(acc_o[i, d] * alpha[i], bf16)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
-                if ring:
-                    ring_producer(Idx1, C1w, Idx2, C2w, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt, K_s, valid_s,
-                                  k_ready, k_free, raw_s, okr_s, raw_full, raw_free, tx - 256)  # fmt: skip
-                else:
-                    producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                             K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
+                producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                         K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
 
         return body
 
@@ -999,7 +788,7 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
         return max(1, int(FORCE_SPLITS))
     programs = b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
-    if impl in ("ws", "ring"):
+    if impl == "ws":
         if programs >= (3 * NUM_SMS_TARGET) // 4 or blocks <= 1:
             return 1
         return max(1, min(blocks, NUM_SMS_TARGET // programs, 16))
@@ -1025,10 +814,9 @@ def _ws_usable(data: Tensor, nope: int, rope: int, tile: int) -> bool:
     )
 
 
-def _impl_for(data1: Tensor, data2: Tensor, nope: int, rope: int, tile: int, p1: int = 2, p2: int = 2) -> str:
-    if ATTN_IMPL in ("ws", "ring") and _ws_usable(data1, nope, rope, tile) and _ws_usable(data2, nope, rope, tile):
-        # the ring kernel copies a key's scale record as the 16-byte aligned pair holding it: even page sizes
-        return "ring" if ATTN_IMPL == "ring" and p1 % 2 == 0 and p2 % 2 == 0 else "ws"
+def _impl_for(data1: Tensor, data2: Tensor, nope: int, rope: int, tile: int) -> str:
+    if ATTN_IMPL == "ws" and _ws_usable(data1, nope, rope, tile) and _ws_usable(data2, nope, rope, tile):
+        return "ws"
     return "legacy"
 
 
@@ -1052,10 +840,10 @@ def tl_sparse_attention(
     """Flat op: q bf16 [b, s_q, h, d]; caches as raw uint8 pages; lens int32 [b] (always given);
     sink fp32 [h] (-inf = no sink). Returns (o bf16 [b, s_q, h, d], lse fp32 [b, h, s_q])."""
     b, s_q, h, d = q.shape
-    impl = _impl_for(data1, data2, nope_dim, rope_dim, tile, page_size1, page_size2)
+    impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1)
-    if impl in ("ws", "ring"):
+    if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
         w2, h2, st2 = _cache_views_ws(data2)
         cache_args = (w1, h1, indices2, lens2, w2, h2)
