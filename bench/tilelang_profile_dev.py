@@ -100,11 +100,11 @@ def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
     merge_k = idx._topk_merge_kernel(TOPK, 64, cpg)
 
     def full():
-        idx._CHUNK_TILING = tiling
+        idx.FORCE_CHUNK_TILING = tiling
         try:
             return idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
         finally:
-            idx._CHUNK_TILING = (idx.CHUNK_PAGES, idx.CHUNK_STAGES, idx.CHUNK_CTAS_PER_SM)
+            idx.FORCE_CHUNK_TILING = None
 
     def chunk():
         compat.launch(chunk_k, q8, w, kv, ks, pt, req, vis, cand_v, cand_i)

@@ -45,8 +45,9 @@ def _kernels_compiled():
         lambda: attn._kernels("legacy", 64, 448, 64, 64, 64, 64, SCALE, True),
         lambda: idx._logits_kernel(64, 128, 64, *idx._LOGITS_TILING),
     ]
-    jobs += [lambda k=k: idx._chunk_topk_kernel(64, 128, 64, k) for k in (512, 1024)]
-    jobs += [lambda k=k: idx._topk_merge_kernel(k, 64) for k in (512, 1024)]
+    tilings = (idx.CHUNK_SMALL, idx.CHUNK_LARGE)
+    jobs += [lambda k=k, c=c: idx._chunk_topk_kernel(64, 128, 64, k, *c) for k in (512, 1024) for c in tilings]
+    jobs += [lambda k=k, c=c: idx._topk_merge_kernel(k, 64, c[0]) for k in (512, 1024) for c in tilings]
     compat.precompile(jobs)
 
 
@@ -248,8 +249,11 @@ def _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_l
 
 @pytest.mark.parametrize("topk", [512, 1024])
 @pytest.mark.parametrize(("t", "n_keys"), [(1, 4096), (32, 16384), (128, 8192)])
-def test_index_topk_fused_matches_reference_sets(t, n_keys, topk):
-    """1, 4 and 2 chunks of 4096 keys per token; rows with nothing visible, a short last chunk, top-k + 1."""
+@pytest.mark.parametrize("tiling", ["small", "large"])
+def test_index_topk_fused_matches_reference_sets(t, n_keys, topk, tiling, monkeypatch):
+    """Chunks of 2048 (small) or 4096 (large) keys: 1 to 8 per token; rows with nothing visible, a short last
+    chunk, top-k + 1."""
+    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE)
     q8, w, cache, pt, req, vis = _indexer_inputs(t, n_keys, seed=t + topk)
     width = topk + 64
     g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, topk, width, max_visible=n_keys)

@@ -131,13 +131,28 @@ def test_indexer_logits_lowers():
     assert "kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, 64, 64, 32" in body
 
 
+@pytest.mark.parametrize("tiling", ["small", "large"])
 @pytest.mark.parametrize("topk", [512, 1024], ids=["flash", "pro"])
-def test_indexer_fused_topk_lowers(topk):
-    src = _lower(idx.build_chunk_topk(64, 128, 64, topk), idx.PASS_CONFIGS)
+def test_indexer_fused_topk_lowers(topk, tiling):
+    cpg, stages, ctas = idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE
+    src = _lower(idx.build_chunk_topk(64, 128, 64, topk, cpg, stages, ctas), idx.PASS_CONFIGS)
     assert "index_chunk_topk_kernel" in src and "dsv4fn_chunk_topk(" in _body(src)
-    assert "tma_load(Kv_desc" in src
-    src = _lower(idx.build_topk_merge(topk, 64), idx.MERGE_PASS_CONFIGS)
+    assert "tma_load(Kv_desc" in src and f"__launch_bounds__(128, {ctas})" in src
+    src = _lower(idx.build_topk_merge(topk, 64, cpg), idx.MERGE_PASS_CONFIGS)
     assert "index_topk_merge_kernel" in src and "dsv4fn_topk_merge(" in _body(src)
+
+
+def test_indexer_fused_tiling_and_auto_rule():
+    """2048-key chunks while the merge stages all candidates in shared memory; "auto" fuses from 32 tokens."""
+    assert idx.chunk_tiling(512, 16384, 64) == idx.CHUNK_SMALL  # 8 chunks x 512 = 4096 candidates
+    assert idx.chunk_tiling(1024, 16384, 64) == idx.CHUNK_SMALL  # 8192: still staged
+    assert idx.chunk_tiling(512, 65536, 64) == idx.CHUNK_LARGE  # 32 small chunks would be 16384 candidates
+    assert idx.chunk_tiling(4096, 8192, 64) == idx.CHUNK_LARGE  # top-k above a small chunk
+    assert idx.fused_is_fast(32, 64, 16384, 512, 64, 128) and idx.fused_is_fast(256, 64, 2048, 512, 64, 128)
+    assert idx.fused_is_fast(32, 64, 65536, 512, 64, 128)  # 16 large chunks: 8192 candidates, staged
+    assert not idx.fused_is_fast(16, 64, 16384, 512, 64, 128)  # too few tokens
+    assert not idx.fused_is_fast(64, 64, 262144, 512, 64, 128)  # 64 chunks: the merge reads global memory
+    assert not idx.fused_is_fast(64, 64, 16384, 512, 32, 128)  # not TileLang's geometry
 
 
 def test_indexer_rejects_unsupported():

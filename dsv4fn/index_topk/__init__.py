@@ -95,16 +95,25 @@ def _logits(
     return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, logits_width(meta))
 
 
-def _fused_topk(backend: str | None, device: torch.device):
-    """The fused indexer + top-k (never writes the logits) when the TileLang backend is chosen explicitly
-    (argument or DSV4FN_BACKEND) on CUDA; "auto" and "compare" keep the two-step path."""
+def _fused_topk(backend: str | None, q8: Tensor, cache: IndexerKeyCache, topk: int, max_visible: int):
+    """The fused indexer + top-k (never writes the logits) on CUDA: when the TileLang backend is chosen
+    explicitly (argument or DSV4FN_BACKEND), and under "auto" where it beats logits + top-k
+    (`tilelang.fused_is_fast`); "compare" keeps the two-step path."""
     name = backend or _backend.default_backend()
-    if name != "tilelang" or device.type != "cuda":
+    if q8.device.type != "cuda" or name not in ("tilelang", "auto"):
         return None
+
+    def fast(b: str) -> bool:
+        from .tilelang import fused_is_fast  # (imported only once "auto" has loaded the TileLang backend)
+
+        t, hi = q8.shape[0], q8.shape[1]
+        return b == "tilelang" and fused_is_fast(t, hi, max_visible, topk, cache.page_size, cache.dim)
+
     try:
-        return _backend.resolve("index_topk_fused", name, device)[1]
+        got, fn = _backend.resolve("index_topk_fused", name, q8.device, fast if name == "auto" else None)
     except ValueError:  # TileLang not installed
         return None
+    return fn if got == "tilelang" else None
 
 
 @contract
@@ -122,7 +131,7 @@ def index_topk(
     csa = _check(q8, weights, cache, meta)
     k = meta.topk if topk is None else topk
     require(1 <= k <= csa.width, f"topk: expected 1..{csa.width} (the index width), got {k}")
-    fused = _fused_topk(backend, q8.device)
+    fused = _fused_topk(backend, q8, cache, k, logits_width(meta))
     if fused is not None:
         return fused(
             q8, weights, cache, meta.page_table, meta.token_request, csa.visible, k, csa.width,

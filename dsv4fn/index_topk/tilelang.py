@@ -17,15 +17,15 @@ never read. Several CTAs share an SM (`annotate_min_blocks_per_sm`), so 10+ page
 `j >= visible`.
 
 `index_topk_fused`: never writes the logits. Two launches, no host sync:
-  1. `chunk_topk`: a CTA computes the logits of `CHUNK_PAGES` pages (4096 keys) of one token into
-     shared memory and selects its exact local top-k there (block radix select on the
-     order-preserving 32-bit key of each fp32 logit, 4 rounds of 8 bits, then a deterministic
-     compaction); it writes k (logit, position) candidates. Tokens with `visible <= topk` and
-     chunks past `visible` do nothing.
-  2. `topk_merge`: per token the same radix select over its ceil(visible / 4096) * k candidates (the
+  1. `chunk_topk`: a CTA computes the logits of one chunk of a token's pages (2048 or 4096 keys, see
+     `chunk_tiling`) into shared memory and selects its exact local top-k there (block radix select on
+     the order-preserving 32-bit key of each fp32 logit, 4 rounds of 8 bits, then a deterministic
+     compaction); it writes k (logit, position) candidates. Tokens with `visible <= topk` and chunks
+     past `visible` do nothing.
+  2. `topk_merge`: per token the same radix select over its ceil(visible / chunk) * k candidates (the
      union of the local top-k sets holds the global top-k set; staged in shared memory up to 8192),
      then cache slots, -1 padding and lengths; rows with `visible <= topk` take every entry in order.
-The keys are read once; the only other traffic is k candidates per 4096 keys (8 bytes each).
+The keys are read once; the only other traffic is k candidates per chunk (8 bytes each).
 Ties at the k-th logit are broken deterministically (by chunk, then by thread-interleaved position).
 """
 
@@ -46,8 +46,10 @@ THREADS = 128
 MERGE_THREADS = 256
 MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
-# (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel (bench knob)
-_CHUNK_TILING = (CHUNK_PAGES, CHUNK_STAGES, CHUNK_CTAS_PER_SM)
+# (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
+CHUNK_LARGE = (CHUNK_PAGES, CHUNK_STAGES, CHUNK_CTAS_PER_SM)  # 4096 keys a chunk, 2 CTAs an SM
+CHUNK_SMALL = (32, 4, 4)  # 2048 keys a chunk, 4 CTAs an SM
+FORCE_CHUNK_TILING: tuple[int, int, int] | None = None  # bench knob: override `chunk_tiling`
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
 # automatic shared-memory syncs (it put a 32-thread named barrier *inside* the elected lane's TMA branch,
 # a deadlock; see _tilelang_compat). The kernels place every __syncthreads themselves.
@@ -465,6 +467,29 @@ def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES):
     return build_topk_merge(topk, p, cpg)
 
 
+def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int]:
+    """The chunk kernel's tiling: 2048-key chunks (twice the CTAs, 4 an SM) while the merge still stages every
+    candidate in shared memory (ceil(visible / 2048) * topk <= MERGE_STAGE), else 4096-key chunks (half the
+    candidates). H100, top-512 (bench/results/h100/tilelang_fused_tiling_*.txt): 2048-key chunks take t=32 x
+    16k keys from 73.9 to 66.2 us and t=128 x 16k from 168.4 to 152.1; at t=32 x 64k keys their 16384
+    candidates make the merge 4x slower (256.3 vs 184.1 us)."""
+    if FORCE_CHUNK_TILING is not None:
+        return FORCE_CHUNK_TILING
+    keys = CHUNK_SMALL[0] * page
+    if topk <= keys and -(-max_visible // keys) * topk <= MERGE_STAGE:
+        return CHUNK_SMALL
+    return CHUNK_LARGE
+
+
+def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: int) -> bool:
+    """Whether "auto" takes the fused kernel over logits + top-k: TileLang's geometry, at least 32 query tokens
+    (fewer leave the chunk grid too small to hide the top-k) and a merge staged in shared memory."""
+    if page != 64 or dim != 128 or hi % 16 or not 16 <= hi <= 256 or t < 32 or topk > CHUNK_PAGES * page:
+        return False
+    cpg = chunk_tiling(topk, max_visible, page)[0]
+    return -(-max_visible // (cpg * page)) * topk <= MERGE_STAGE
+
+
 def _cache_views(data: Tensor, p: int, di: int) -> tuple[Tensor, Tensor]:
     if not data.is_contiguous():
         raise ValueError("cache.data: the TileLang indexer needs a contiguous cache")
@@ -517,7 +542,7 @@ def tl_index_topk_fused(
     lens = torch.empty((t,), dtype=torch.int32, device=dev)
     if t == 0:
         return out, lens
-    cpg, stages, ctas = _CHUNK_TILING
+    cpg, stages, ctas = chunk_tiling(topk, max_visible, page_size)
     chunks = max(1, -(-max_visible // (page_size * cpg)))
     cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
     cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
@@ -567,10 +592,8 @@ def index_topk_fused(
     _check(q8, cache)
     if not 1 <= topk <= width:
         raise ValueError(f"topk: expected 1..width={width}, got {topk}")
-    if topk > _CHUNK_TILING[0] * cache.page_size:
-        raise ValueError(
-            f"topk: the fused TileLang top-k supports at most {_CHUNK_TILING[0] * cache.page_size}, got {topk}"
-        )
+    if topk > CHUNK_PAGES * cache.page_size:
+        raise ValueError(f"topk: the fused TileLang top-k supports at most {CHUNK_PAGES * cache.page_size}, got {topk}")
     if max_visible is None:
         max_visible = page_table.shape[1] * cache.page_size
     return tl_index_topk_fused(
