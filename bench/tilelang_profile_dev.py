@@ -30,8 +30,8 @@ from dsv4fn.attend.reference import sparse_attention as ref_attention  # noqa: E
 SCALE = 512**-0.5
 HBM = 3.0e12
 TOPK = 512
-# (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel
-TILINGS = [(64, 8, 2), (64, 4, 3), (32, 8, 2), (32, 4, 4), (16, 4, 4), (16, 2, 6)]
+# (pages per chunk, stages, CTAs per SM, pages per step) of the fused top-k's chunk kernel
+TILINGS = [(32, 4, 4, 1), (32, 2, 4, 2), (32, 3, 3, 2), (64, 8, 2, 1), (64, 4, 2, 2), (64, 2, 2, 4)]
 FUSED_CASES = [(32, 16384), (32, 65536), (128, 16384)]
 
 
@@ -88,7 +88,7 @@ def attn_probe() -> None:
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
     """(full op, chunk kernel alone, merge kernel alone) closures of one chunk tiling."""
-    cpg, stages, ctas = tiling
+    cpg, stages, ctas, g = tiling
     t = q8.shape[0]
     kv, ks = idx._cache_views(cache.data, 64, 128)
     chunks = -(-n // (64 * cpg))
@@ -96,7 +96,7 @@ def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
     cand_i = torch.empty((t, chunks, TOPK), dtype=torch.int32, device="cuda")
     out = torch.empty((t, TOPK), dtype=torch.int32, device="cuda")
     lens = torch.empty((t,), dtype=torch.int32, device="cuda")
-    chunk_k = idx._chunk_topk_kernel(64, 128, 64, TOPK, cpg, stages, ctas)
+    chunk_k = idx._chunk_topk_kernel(64, 128, 64, TOPK, cpg, stages, ctas, g)
     merge_k = idx._topk_merge_kernel(TOPK, 64, cpg)
 
     def full():

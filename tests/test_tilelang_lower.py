@@ -134,8 +134,8 @@ def test_indexer_logits_lowers():
 @pytest.mark.parametrize("tiling", ["small", "large"])
 @pytest.mark.parametrize("topk", [512, 1024], ids=["flash", "pro"])
 def test_indexer_fused_topk_lowers(topk, tiling):
-    cpg, stages, ctas = idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE
-    src = _lower(idx.build_chunk_topk(64, 128, 64, topk, cpg, stages, ctas), idx.PASS_CONFIGS)
+    cpg, stages, ctas, g = idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE
+    src = _lower(idx.build_chunk_topk(64, 128, 64, topk, cpg, stages, ctas, g), idx.PASS_CONFIGS)
     assert "index_chunk_topk_kernel" in src and "dsv4fn_chunk_topk(" in _body(src)
     assert "tma_load(Kv_desc" in src and f"__launch_bounds__(128, {ctas})" in src
     src = _lower(idx.build_topk_merge(topk, 64, cpg), idx.MERGE_PASS_CONFIGS)

@@ -47,9 +47,10 @@ MERGE_THREADS = 256
 MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
-CHUNK_LARGE = (CHUNK_PAGES, CHUNK_STAGES, CHUNK_CTAS_PER_SM)  # 4096 keys a chunk, 2 CTAs an SM
-CHUNK_SMALL = (32, 4, 4)  # 2048 keys a chunk, 4 CTAs an SM
-FORCE_CHUNK_TILING: tuple[int, int, int] | None = None  # bench knob: override `chunk_tiling`
+# (and pages per step: one wgmma of G x 64 keys per ring slot)
+CHUNK_LARGE = (CHUNK_PAGES, CHUNK_STAGES, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 2 CTAs an SM
+CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
+FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
 # automatic shared-memory syncs (it put a 32-thread named barrier *inside* the elected lane's TMA branch,
 # a deadlock; see _tilelang_compat). The kernels place every __syncthreads themselves.
@@ -247,46 +248,53 @@ def _geometry(cache: IndexerKeyCache, hi: int) -> tuple[int, int]:
     return p, di
 
 
-def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool):
+def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool, G: int = 1):
     """Macro: the TMA ring over pages `0..npg-1` of the run of `npp` pages of token `t` starting at page
-    `cc * npp`; each page's logits go to `Dst[t, col]` (global, -inf past `vis`, nothing past `W`), or
-    with `to_shared` to `Dst[it * p + j]` (a shared [npp * p] buffer)."""
+    `cc * npp`, `G` pages a step (one ring slot, one wgmma of G*p rows); each page's logits go to `Dst[t,
+    col]` (global, -inf past `vis`, nothing past `W`), or with `to_shared` to `Dst[it * G * p + j]` (a shared
+    [npp * p] buffer). Rows of a last step's missing pages hold stale bytes and are masked (-inf)."""
     f32 = T.float32
     SOFF = p * di // 4  # fp32 offset of the scales in a page
+    GP = G * p
+
+    @T.macro
+    def fill(Kv, Ks, pt_s, K_s, sc_s, full, step, slot, npg):
+        for g in T.unroll(G):
+            if step * G + g < npg:
+                T.tma_copy(Kv[pt_s[step * G + g], 0:p, :], K_s[slot, g * p : (g + 1) * p, :], barrier=full[slot])
+                T.tma_copy(Ks[pt_s[step * G + g], SOFF : SOFF + p], sc_s[slot, g * p : (g + 1) * p], barrier=full[slot])
+        T.barrier_arrive(full[slot])
 
     @T.macro
     def page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, W, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, Dst):
         T.copy(Wt[t, :], w_f)
         T.sync_threads()  # pt_s
+        nst = T.ceildiv(npg, G)
         if tx < 32:  # warp 0 issues the TMA copies (one elected lane) and arrives (all 32 lanes)
             T.tma_copy(Q[t, :, :], Q_s, barrier=qbar[0])
             T.barrier_arrive(qbar[0])
             for i in T.serial(stages - 1):
-                if i < npg:
-                    T.tma_copy(Kv[pt_s[i], 0:p, :], K_s[i, :, :], barrier=full[i])
-                    T.tma_copy(Ks[pt_s[i], SOFF : SOFF + p], sc_s[i, :], barrier=full[i])
-                    T.barrier_arrive(full[i])
+                if i < nst:
+                    fill(Kv, Ks, pt_s, K_s, sc_s, full, i, i, npg)
         T.barrier_wait(qbar[0], 0)
-        for it in T.serial(npg):
+        for it in T.serial(nst):
             st = it % stages
             if tx < 32:
                 nxt = it + stages - 1
-                if nxt < npg:  # refill the slot freed at the end of iteration it-1
-                    T.tma_copy(Kv[pt_s[nxt], 0:p, :], K_s[nxt % stages, :, :], barrier=full[nxt % stages])
-                    T.tma_copy(Ks[pt_s[nxt], SOFF : SOFF + p], sc_s[nxt % stages, :], barrier=full[nxt % stages])
-                    T.barrier_arrive(full[nxt % stages])
+                if nxt < nst:  # refill the slot freed at the end of iteration it-1
+                    fill(Kv, Ks, pt_s, K_s, sc_s, full, nxt, nxt % stages, npg)
             T.barrier_wait(full[st], (it // stages) % 2)
             T.gemm(K_s[st, :, :], Q_s, S, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
-            for j, hh in T.Parallel(p, hi):
+            for j, hh in T.Parallel(GP, hi):
                 S[j, hh] = T.max(S[j, hh], 0) * w_f[hh]
             T.reduce_sum(S, lg, dim=1, clear=True)
             if to_shared:
-                for j in T.Parallel(p):
-                    col = (cc * npp + it) * p + j
-                    Dst[it * p + j] = T.if_then_else(col < vis, lg[j] * sc_s[st, j], -T.infinity(f32))
+                for j in T.Parallel(GP):
+                    col = (cc * npp + it * G) * p + j
+                    Dst[it * GP + j] = T.if_then_else(col < vis, lg[j] * sc_s[st, j], -T.infinity(f32))
             else:
-                for j in T.Parallel(p):
-                    col = (cc * npp + it) * p + j
+                for j in T.Parallel(GP):
+                    col = (cc * npp + it * G) * p + j
                     if col < W:
                         Dst[t, col] = T.if_then_else(col < vis, lg[j] * sc_s[st, j], -T.infinity(f32))
             T.sync_threads()  # every thread is done with slot st before it is refilled
@@ -345,7 +353,7 @@ def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: int
 
 def build_chunk_topk(
     hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES,
-    ctas: int = CHUNK_CTAS_PER_SM,
+    ctas: int = CHUNK_CTAS_PER_SM, G: int = 1,
 ):  # fmt: skip
     """PrimFunc, fused top-k step 1: per (chunk of `cpg` pages, token) the local top-k candidates."""
     f32, i32, fp8 = T.float32, T.int32, T.float8_e4m3fn
@@ -358,7 +366,7 @@ def build_chunk_topk(
     CH = cpg * p
     if not 1 <= topk <= CH:
         raise ValueError(f"topk: the fused TileLang top-k supports 1..{CH}, got {topk}")
-    page_loop = _page_loop(hi, di, p, cpg, stages, True)
+    page_loop = _page_loop(hi, di, p, cpg, stages, True, G)
 
     @T.prim_func
     def index_chunk_topk(
@@ -376,8 +384,8 @@ def build_chunk_topk(
             T.annotate_min_blocks_per_sm(ctas)
             T.import_source(TOPK_DEVICE_SRC)
             Q_s = T.alloc_shared([hi, di], fp8)
-            K_s = T.alloc_shared([stages, p, di], fp8)
-            sc_s = T.alloc_shared([stages, p], f32)
+            K_s = T.alloc_shared([stages, G * p, di], fp8)
+            sc_s = T.alloc_shared([stages, G * p], f32)
             pt_s = T.alloc_shared([cpg], i32)
             lg_s = T.alloc_shared([CH], f32)
             hist = T.alloc_shared([256], i32)
@@ -385,8 +393,8 @@ def build_chunk_topk(
             full = T.alloc_barrier([32] * stages)
             qbar = T.alloc_barrier(32)
             w_f = T.alloc_fragment([hi], f32)
-            S = T.alloc_fragment([p, hi], f32)
-            lg = T.alloc_fragment([p], f32)
+            S = T.alloc_fragment([G * p, hi], f32)
+            lg = T.alloc_fragment([G * p], f32)
             tx = T.get_thread_binding()
             vis = Vis[t]
             req = Req[t]
@@ -457,9 +465,9 @@ def _logits_kernel(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: i
 @jit(pass_configs=PASS_CONFIGS)
 def _chunk_topk_kernel(
     hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES,
-    ctas: int = CHUNK_CTAS_PER_SM,
+    ctas: int = CHUNK_CTAS_PER_SM, G: int = 1,
 ):  # fmt: skip
-    return build_chunk_topk(hi, di, p, topk, cpg, stages, ctas)
+    return build_chunk_topk(hi, di, p, topk, cpg, stages, ctas, G)
 
 
 @jit(pass_configs=MERGE_PASS_CONFIGS)
@@ -467,7 +475,7 @@ def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES):
     return build_topk_merge(topk, p, cpg)
 
 
-def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int]:
+def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int, int]:
     """The chunk kernel's tiling: 2048-key chunks (twice the CTAs, 4 an SM) while the merge still stages every
     candidate in shared memory (ceil(visible / 2048) * topk <= MERGE_STAGE), else 4096-key chunks (half the
     candidates). H100, top-512 (bench/results/h100/tilelang_fused_tiling_*.txt): 2048-key chunks take t=32 x
@@ -542,12 +550,12 @@ def tl_index_topk_fused(
     lens = torch.empty((t,), dtype=torch.int32, device=dev)
     if t == 0:
         return out, lens
-    cpg, stages, ctas = chunk_tiling(topk, max_visible, page_size)
+    cpg, stages, ctas, g = chunk_tiling(topk, max_visible, page_size)
     chunks = max(1, -(-max_visible // (page_size * cpg)))
     cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
     cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
     launch(
-        _chunk_topk_kernel(hi, di, page_size, topk, cpg, stages, ctas),
+        _chunk_topk_kernel(hi, di, page_size, topk, cpg, stages, ctas, g),
         q8, weights, kv, ks, page_table, token_request, visible, cand_v, cand_i,
     )  # fmt: skip
     launch(_topk_merge_kernel(topk, page_size, cpg), cand_v, cand_i, page_table, token_request, visible, out, lens)
