@@ -48,7 +48,7 @@ MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); m
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
 # (and pages per step: one wgmma of G x 64 keys per ring slot)
-CHUNK_LARGE = (CHUNK_PAGES, CHUNK_STAGES, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 2 CTAs an SM
+CHUNK_LARGE = (CHUNK_PAGES, 2, CHUNK_CTAS_PER_SM, 4)  # 4096 keys a chunk, 2 CTAs an SM, 4 pages a step
 CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
 FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
@@ -478,9 +478,10 @@ def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES):
 def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int, int]:
     """The chunk kernel's tiling: 2048-key chunks (twice the CTAs, 4 an SM) while the merge still stages every
     candidate in shared memory (ceil(visible / 2048) * topk <= MERGE_STAGE), else 4096-key chunks (half the
-    candidates). H100, top-512 (bench/results/h100/tilelang_fused_tiling_*.txt): 2048-key chunks take t=32 x
-    16k keys from 73.9 to 66.2 us and t=128 x 16k from 168.4 to 152.1; at t=32 x 64k keys their 16384
-    candidates make the merge 4x slower (256.3 vs 184.1 us)."""
+    candidates, 4 pages a step). H100, top-512 (bench/results/h100/tilelang_profile_2026-11-24_session4.txt):
+    2048-key chunks take t=32 x 16k keys from 73.9 to 65.2 us and t=128 x 16k from 167.7 to 153.0; at t=32 x
+    64k keys their 16384 candidates make the merge 4x slower (254.5 vs 184.1 us); 4 pages a step take the
+    4096-key chunks from 184.1 to 177.8 us there (1 or 2 pages a step: no difference for 2048-key chunks)."""
     if FORCE_CHUNK_TILING is not None:
         return FORCE_CHUNK_TILING
     keys = CHUNK_SMALL[0] * page
