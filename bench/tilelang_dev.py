@@ -54,10 +54,11 @@ def compile_all(do_attn: bool, do_index: bool) -> None:
     print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s")
 
 
-def _attn_case(b: int):
+def _attn_case(b: int, extra: int = 512):
+    """Batch b of V4-Flash decode rows: 128 window keys + `extra` compressed keys, every one valid, sink."""
     q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, 64, 128, 512, seed=b)
     l1.fill_(128)
-    l2.fill_(512)
+    l2.fill_(extra)
     i1.copy_(torch.randint(0, b * 128, i1.shape, device="cuda", dtype=torch.int32))
     i2.copy_(torch.randint(0, b * 1024, i2.shape, device="cuda", dtype=torch.int32))
     return q, c1, i1, l1, dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)

@@ -11,37 +11,21 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
 Timer: `graphflush` (one call replayed from a CUDA graph, L2 flushed before each replay), µs.
 """
 
-import importlib
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, "tests")
-gpu_tests = importlib.import_module("test_tilelang_gpu")
-compat = importlib.import_module("dsv4fn._tilelang_compat")
-attn = importlib.import_module("dsv4fn.attend.tilelang")
-idx = importlib.import_module("dsv4fn.index_topk.tilelang")
+from bench.tilelang_dev import SCALE, _attn_case, attn, compat, gpu_tests, idx
+from bench.timing import graphflush_us
+from dsv4fn import _backend
+from dsv4fn.attend.reference import sparse_attention as ref_attention
 
-from bench.timing import graphflush_us  # noqa: E402
-from dsv4fn import _backend  # noqa: E402
-from dsv4fn.attend.reference import sparse_attention as ref_attention  # noqa: E402
-
-SCALE = 512**-0.5
 HBM = 3.0e12
 TOPK = 512
 # (pages per chunk, stages, CTAs per SM, pages per step) of the fused top-k's chunk kernel
 TILINGS = [(32, 4, 4, 1), (32, 2, 4, 2), (32, 3, 3, 2), (64, 8, 2, 1), (64, 4, 2, 2), (64, 2, 2, 4)]
 FUSED_CASES = [(32, 16384), (32, 65536), (128, 16384)]
-
-
-def _attn_case(b: int, extra: int):
-    q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, 64, 128, 512, seed=b)
-    l1.fill_(128)
-    l2.fill_(extra)
-    i1.copy_(torch.randint(0, b * 128, i1.shape, device="cuda", dtype=torch.int32))
-    i2.copy_(torch.randint(0, b * 1024, i2.shape, device="cuda", dtype=torch.int32))
-    return q, c1, i1, l1, dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
 
 
 def attn_scan(*impls: str) -> None:
