@@ -169,6 +169,7 @@ WS_PASS_CONFIGS = {
     "tl.disable_thread_storage_sync": True,
 }
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
+WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
 
 @functools.cache
@@ -400,6 +401,22 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
 
+    @T.macro
+    def store_half(Out, Q_s, acc_o, fac, b, sq, h0, d0, bar):
+        # one warpgroup's half of the bf16 output (columns d0..d0+255): staged in Q_s (free once the last
+        # Q K^T is done), then written as whole rows (16-byte stores; straight from the wgmma fragment each
+        # thread would store 4 bytes into each of 8 rows, half of every 32-byte sector)
+        if PAD_HEADS:
+            for i, d in T.Parallel(HB, DH):
+                if h0 + i < h:
+                    Out[b, sq, h0 + i, d0 + d] = T.cast(acc_o[i, d] * fac[i], bf16)
+        else:
+            for i, d in T.Parallel(HB, DH):
+                Q_s[i, d0 + d] = T.cast(acc_o[i, d] * fac[i], bf16)
+            named_sync(bar, 128)
+            for i, d in T.Parallel(HB, DH):
+                Out[b, sq, h0 + i, d0 + d] = Q_s[i, d0 + d]
+
     def kernel_body(split_mode: bool):
         """The shared prologue / role split as a macro taking the epilogue outputs."""
 
@@ -460,9 +477,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
                                 sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
                             )
                 else:
-                    for i, d in T.Parallel(HB, DH):
-                        if h0 + i < h:
-                            Out[b, sq, h0 + i, d] = T.cast(acc_o[i, d] * fac[i], bf16)
+                    store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
                     for i in T.Parallel(HB):
                         if h0 + i < h:
                             L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
@@ -478,9 +493,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
                         if h0 + i < h:
                             Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
                 else:
-                    for i, d in T.Parallel(HB, DH):
-                        if h0 + i < h:
-                            Out[b, sq, h0 + i, DH + d] = T.cast(acc_o[i, d] * alpha[i], bf16)
+                    store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
