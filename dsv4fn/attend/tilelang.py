@@ -138,16 +138,6 @@ __device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* ou
 __device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
   dsv4fn_dq16_impl<true>(raw, sbyte, out);
 }
-// split rows: every thread fences its partial stores; then one thread counts the row's splits done. Returns 1 in
-// the CTA that finishes the row last (it then merges the row's partials; the counter goes back to 0).
-__device__ __forceinline__ void dsv4fn_fence_gpu() { __threadfence(); }
-__device__ __forceinline__ int dsv4fn_split_last(int* counter, int splits) {
-  __threadfence();
-  const int last = atomicAdd(counter, 1) == splits - 1;
-  if (last) atomicExch(counter, 0);
-  __threadfence();
-  return last;
-}
 // 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
 __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
@@ -180,7 +170,6 @@ WS_PASS_CONFIGS = {
 }
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
 WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
-CONS_BARRIER = 3  # named barrier of both consumer warpgroups (256 threads; split rows' merge)
 
 
 @functools.cache
@@ -190,7 +179,7 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
         main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
-    comb = _combine_kernel(h, nope + rope) if split and impl != "ws" else None  # ws merges splits itself
+    comb = _combine_kernel(h, nope + rope) if split else None
     return main, comb
 
 
@@ -428,52 +417,11 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
             for i, d in T.Parallel(HB, DH):
                 Out[b, sq, h0 + i, d0 + d] = Q_s[i, d0 + d]
 
-    @T.macro
-    def merge_splits(Opart, Lpart, Cnt, Sink, Of, Lf, Q_s, last_s, acc_o, lmax, tot, fac, b, sq, h0, hb, nsplit, d0,
-                     bar, tx):  # fmt: skip
-        # Split rows (one call, no second kernel): after its partial (normalised o, log2 LSE) is stored, the CTA
-        # that completes a row's splits last merges them - o = sum_s 2^(L_s - L) o_s, L = log2 sum_s 2^L_s, the
-        # sink, empty -> 0 / +inf - each consumer warpgroup its half of the columns (the partials are in L2).
-        T.call_extern("handle", "dsv4fn_fence_gpu")
-        named_sync(CONS_BARRIER, 256)
-        if tx == 0:
-            last_s[0] = T.call_extern("int32", "dsv4fn_split_last", T.address_of(Cnt[b, sq, hb]), nsplit)
-        named_sync(CONS_BARRIER, 256)
-        if last_s[0] != 0:
-            T.fill(lmax, -T.infinity(f32))
-            for sp in T.serial(nsplit):
-                for i in T.Parallel(HB):
-                    lmax[i] = T.max(lmax[i], Lpart[b, sq, sp, T.min(h0 + i, h - 1)])
-            T.fill(tot, 0)
-            for sp in T.serial(nsplit):
-                for i in T.Parallel(HB):
-                    lp = Lpart[b, sq, sp, T.min(h0 + i, h - 1)]
-                    tot[i] = tot[i] + T.if_then_else(lp == -T.infinity(f32), 0.0, T.exp2(lp - lmax[i]))
-            for i in T.Parallel(HB):
-                lmax[i] = T.log2(tot[i]) + lmax[i]  # the row's log2 LSE
-            T.fill(acc_o, 0)
-            for sp in T.serial(nsplit):
-                for i, d in T.Parallel(HB, DH):
-                    hi_ = T.min(h0 + i, h - 1)
-                    lp = Lpart[b, sq, sp, hi_]
-                    acc_o[i, d] += T.if_then_else(
-                        lp == -T.infinity(f32), 0.0, T.exp2(lp - lmax[i]) * Opart[b, sq, sp, hi_, d0 + d]
-                    )
-            for i in T.Parallel(HB):
-                sink_fac = 1.0 / (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - lmax[i] * LN2))
-                fac[i] = T.if_then_else(tot[i] != 0, sink_fac, 0.0)
-            store_half(Of, Q_s, acc_o, fac, b, sq, h0, d0, bar)
-            if d0 == 0:
-                for i in T.Parallel(HB):
-                    if h0 + i < h:
-                        Lf[b, h0 + i, sq] = T.if_then_else(tot[i] != 0, lmax[i] * LN2, T.infinity(f32))
-
     def kernel_body(split_mode: bool):
         """The shared prologue / role split as a macro taking the epilogue outputs."""
 
         @T.macro
-        def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L, Of, Lf,
-                 Cnt):  # fmt: skip
+        def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L):
             T.import_source(WS_DEVICE_SRC)
             Q_s = T.alloc_shared([HB, D], bf16)
             K_s = T.alloc_shared([2, BI, D], bf16)
@@ -481,7 +429,6 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
             valid_s = T.alloc_shared([2, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            last_s = T.alloc_shared([1], i32)
             k_ready = T.alloc_barrier([128, 128])
             k_free = T.alloc_barrier([256, 256])
             s_ready = T.alloc_barrier(128)
@@ -529,8 +476,6 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
                             L[b, sq, sp, h0 + i] = T.if_then_else(
                                 sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
                             )
-                    merge_splits(Out, L, Cnt, Sink, Of, Lf, Q_s, last_s, acc_o, m_prev, sum_i, fac, b, sq, h0, h0 // HB,
-                                 nsplit, 0, WG0_BARRIER, tx)  # fmt: skip
                 else:
                     store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
                     for i in T.Parallel(HB):
@@ -547,10 +492,6 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
                     for i, d in T.Parallel(HB, DH):
                         if h0 + i < h:
                             Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
-                    lmax = T.alloc_fragment([HB], f32)
-                    tot = T.alloc_fragment([HB], f32)
-                    merge_splits(Out, L, Cnt, Sink, Of, Lf, Q_s, last_s, acc_o, lmax, tot, alpha, b, sq, h0, h0 // HB,
-                                 nsplit, DH, WG1_BARRIER, tx)  # fmt: skip
                 else:
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
             else:
@@ -576,16 +517,12 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
             C2h: T.Tensor[(H2,), bf16],
             Opart: T.Tensor[(B, SQ, NS, h, D), f32],
             Lpart: T.Tensor[(B, SQ, NS, h), f32],
-            Sink: T.Tensor[(h,), f32],
-            O: T.Tensor[(B, SQ, h, D), bf16],
-            Lse: T.Tensor[(B, h, SQ), f32],
-            Cnt: T.Tensor[(B, SQ, NHB), i32],
             rpp1: T.int32,
             rpp2: T.int32,
         ):
             with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
                 body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx % NHB) * HB, bx // NHB, NS,
-                     Sink, Opart, Lpart, O, Lse, Cnt)  # fmt: skip
+                     None, Opart, Lpart)  # fmt: skip
 
         return attend_ws_partial
 
@@ -609,8 +546,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
         rpp2: T.int32,
     ):
         with T.Kernel(NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
-            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse,
-                 None, None, None)  # fmt: skip
+            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse)
 
     return attend_ws_direct
 
@@ -930,13 +866,8 @@ def tl_sparse_attention(
         cache_args = (u1, f1, h1, indices2, lens2, u2, f2, h2)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
-    if splits == 1:
+    if comb is None:
         launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2)
-    elif comb is None:  # ws: the CTA that finishes a row last merges its partials (counters start at 0)
-        opart = torch.empty((b, s_q, splits, h, d), dtype=torch.float32, device=q.device)
-        lpart = torch.empty((b, s_q, splits, h), dtype=torch.float32, device=q.device)
-        counters = torch.zeros((b, s_q, -(-h // HEAD_BLOCK)), dtype=torch.int32, device=q.device)
-        launch(main, q, indices1, lens1, *cache_args, opart, lpart, sink, o, lse, counters, st1, st2)
     else:
         opart = torch.empty((b, s_q, splits, h, d), dtype=torch.float32, device=q.device)
         lpart = torch.empty((b, s_q, splits, h), dtype=torch.float32, device=q.device)
