@@ -749,9 +749,9 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
 def build_combine(h: int, d: int):
     """Merge split partials: o = sum_s 2^(L_s - L) o_s, L = log2 sum_s 2^L_s; sink; empty -> 0 / +inf.
 
-    The loop over the first COMBINE_UNROLL splits is unrolled (each step predicated on the split count), so
-    their loads are in flight together instead of one L2 round trip after another; more splits (only a
-    forced count can ask for them) take a serial loop."""
+    The first COMBINE_UNROLL splits are read unconditionally (indices clamped to the last split, weights 0
+    past it), so their loads are in flight together instead of one L2 round trip after another; more
+    splits (only a forced count can ask for them) take a serial loop."""
     B = T.dynamic("batch")
     SQ = T.dynamic("s_q")
     NS = T.dynamic("splits")
@@ -791,9 +791,8 @@ def build_combine(h: int, d: int):
                 lv[s] = T.if_then_else(lv[s] == -T.infinity(f32), 0.0, T.exp2(lv[s] - lse2))  # the weights
             T.fill(acc, 0)
             for s in T.unroll(U):
-                if s < NS:
-                    for dd in T.Parallel(d):
-                        acc[dd] += lv[s] * Opart[b, sq, s, hh, dd]
+                for dd in T.Parallel(d):
+                    acc[dd] += lv[s] * Opart[b, sq, T.min(s, NS - 1), hh, dd]
             for s in T.serial(T.max(NS - U, 0)):
                 for dd in T.Parallel(d):
                     lp = Lpart[b, sq, U + s, hh]
