@@ -61,7 +61,6 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
-COMBINE_UNROLL = 16  # splits the combine reads at once (choose_splits never asks for more)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
 # 168 registers per thread (65536 / 384, rounded down to 8) and `setmaxnreg.inc` blocks until the other
@@ -747,16 +746,11 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
 
 
 def build_combine(h: int, d: int):
-    """Merge split partials: o = sum_s 2^(L_s - L) o_s, L = log2 sum_s 2^L_s; sink; empty -> 0 / +inf.
-
-    The first COMBINE_UNROLL splits are read unconditionally (indices clamped to the last split, weights 0
-    past it), so their loads are in flight together instead of one L2 round trip after another; more
-    splits (only a forced count can ask for them) take a serial loop."""
+    """Merge split partials: o = sum_s 2^(L_s - L) o_s, L = log2 sum_s 2^L_s; sink; empty -> 0 / +inf."""
     B = T.dynamic("batch")
     SQ = T.dynamic("s_q")
     NS = T.dynamic("splits")
     f32, bf16 = T.float32, T.bfloat16
-    U = COMBINE_UNROLL
 
     @T.prim_func
     def attend_combine(
@@ -768,36 +762,26 @@ def build_combine(h: int, d: int):
     ):
         with T.Kernel(h, SQ, B, threads=128) as (hh, sq, b):
             acc = T.alloc_fragment([d], f32)
-            lv = T.alloc_local([U], f32)
             lmax = T.alloc_var(f32)
             tot = T.alloc_var(f32)
             lse2 = T.alloc_var(f32)
             fac = T.alloc_var(f32)
-            for s in T.unroll(U):
-                lv[s] = T.if_then_else(s < NS, Lpart[b, sq, T.min(s, NS - 1), hh], -T.infinity(f32))
             lmax = -T.infinity(f32)
-            for s in T.unroll(U):
-                lmax = T.max(lmax, lv[s])
-            for s in T.serial(T.max(NS - U, 0)):
-                lmax = T.max(lmax, Lpart[b, sq, U + s, hh])
+            for s in T.serial(NS):
+                lmax = T.max(lmax, Lpart[b, sq, s, hh])
             tot = 0.0
-            for s in T.unroll(U):
-                tot = tot + T.if_then_else(lv[s] == -T.infinity(f32), 0.0, T.exp2(lv[s] - lmax))
-            for s in T.serial(T.max(NS - U, 0)):
-                lp = Lpart[b, sq, U + s, hh]
-                tot = tot + T.if_then_else(lp == -T.infinity(f32), 0.0, T.exp2(lp - lmax))
+            for s in T.serial(NS):
+                tot = tot + T.if_then_else(
+                    Lpart[b, sq, s, hh] == -T.infinity(f32), 0.0, T.exp2(Lpart[b, sq, s, hh] - lmax)
+                )
             lse2 = T.log2(tot) + lmax
-            for s in T.unroll(U):
-                lv[s] = T.if_then_else(lv[s] == -T.infinity(f32), 0.0, T.exp2(lv[s] - lse2))  # the weights
             T.fill(acc, 0)
-            for s in T.unroll(U):
+            for s in T.serial(NS):
                 for dd in T.Parallel(d):
-                    acc[dd] += lv[s] * Opart[b, sq, T.min(s, NS - 1), hh, dd]
-            for s in T.serial(T.max(NS - U, 0)):
-                for dd in T.Parallel(d):
-                    lp = Lpart[b, sq, U + s, hh]
                     acc[dd] += T.if_then_else(
-                        lp == -T.infinity(f32), 0.0, T.exp2(lp - lse2) * Opart[b, sq, U + s, hh, dd]
+                        Lpart[b, sq, s, hh] == -T.infinity(f32),
+                        0.0,
+                        T.exp2(Lpart[b, sq, s, hh] - lse2) * Opart[b, sq, s, hh, dd],
                     )
             fac = T.if_then_else(tot != 0, 1.0 / (1.0 + T.exp(Sink[hh] - lse2 * LN2)), 0.0)
             for dd in T.Parallel(d):
