@@ -32,8 +32,9 @@ main (window) + extra (compressed) index lists, each cut at its length:
 dequantizes synchronously); kept for comparison and for other geometries.
 
 With one split the kernel finishes the row (sink, natural-log LSE, o = 0 / lse = +inf for an empty
-row); with several it writes fp32 partials (normalised o, log2 LSE) and `attend_combine` merges
-them. The split count comes from the batch shape only (no host sync): CUDA-graph capturable.
+row; the ws kernel stages the bf16 rows in Q_s and writes them whole); with several it writes fp32
+partials (normalised o, log2 LSE) and `attend_combine` merges them. The split count comes from the
+batch shape only (no host sync): CUDA-graph capturable.
 Compiled kernels are cached per (impl, heads, page sizes, scale, split mode); batch, query count,
 index widths, cache sizes and split count are symbolic (one compile serves every batch size).
 
