@@ -4,6 +4,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
 
     python -m bench.tilelang_profile_dev attn-scan [IMPL...]  # attention (ws, legacy): time vs keys per row
     python -m bench.tilelang_profile_dev attn-probe     # attention ws: time with stages left out
+    python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -99,6 +100,45 @@ def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
     return full, chunk, merge
 
 
+def merge_sweep() -> None:
+    """The fused top-k's merge kernel alone at 256 / 512 / 1024 threads per token (candidates from the tiling
+    `chunk_tiling` picks), checked against the reference sets through the full op."""
+    threads = (256, 512, 1024)
+    jobs = [lambda c=c, n=n: idx._topk_merge_kernel(TOPK, 64, c, n) for c in (32, 64) for n in threads]
+    compat.precompile(jobs)
+    print("fused top-512 merge kernel: graphflush us by threads per token")
+    for t_, n in FUSED_CASES:
+        q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
+        vis.fill_(n)
+        tiling = idx.chunk_tiling(TOPK, n, 64)
+        _, chunk, _ = _fused_parts(q8, w, cache, pt, req, vis, n, tiling)
+        line = [f"t={t_} keys={n} tiling {tiling}"]
+        for nt in threads:
+            idx.MERGE_THREADS = nt
+            try:
+                g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
+                gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, TOPK, TOPK, g_idx, g_len)
+                ok = "ok"
+            except AssertionError:
+                ok = "FAIL"
+            chunk()
+            out = torch.empty((t_, TOPK), dtype=torch.int32, device="cuda")
+            lens = torch.empty((t_,), dtype=torch.int32, device="cuda")
+            chunks = -(-n // (64 * tiling[0]))
+            cv = torch.empty((t_, chunks, TOPK), dtype=torch.float32, device="cuda")
+            ci = torch.empty((t_, chunks, TOPK), dtype=torch.int32, device="cuda")
+            kv, ks = idx._cache_views(cache.data, 64, 128)
+            compat.launch(idx._chunk_topk_kernel(64, 128, 64, TOPK, *tiling), q8, w, kv, ks, pt, req, vis, cv, ci)
+            mk = idx._topk_merge_kernel(TOPK, 64, tiling[0], nt)
+            t_m = graphflush_us(lambda: compat.launch(mk, cv, ci, pt, req, vis, out, lens), rep_ms=20)
+            t_f = graphflush_us(
+                lambda: idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n), rep_ms=20
+            )
+            line.append(f"{nt}: merge {t_m:5.1f} total {t_f:6.1f} {ok}")
+        idx.MERGE_THREADS = 256
+        print(" | ".join(line), flush=True)
+
+
 def fused_sweep() -> None:
     jobs = [lambda tl=tl: idx._chunk_topk_kernel(64, 128, 64, TOPK, *tl) for tl in TILINGS]
     jobs += [lambda c=c: idx._topk_merge_kernel(TOPK, 64, c) for c in sorted({tl[0] for tl in TILINGS})]
@@ -148,7 +188,7 @@ def main() -> None:
     cmd = sys.argv[1]
     args = sys.argv[2:] if cmd == "attn-scan" else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep}
+    cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused})
     cmds[cmd](*args)
 

@@ -43,7 +43,7 @@ CHUNK_PAGES = 64  # fused top-k: pages per CTA (4096 keys): local top-k candidat
 CHUNK_STAGES = 8  # builder default (1 page a step: 7 pages in flight); `chunk_tiling` picks the tilings used
 CHUNK_CTAS_PER_SM = 2
 THREADS = 128
-MERGE_THREADS = 256
+MERGE_THREADS = 256  # threads per token of the fused top-k's merge (read per call)
 MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
@@ -201,13 +201,14 @@ __device__ __forceinline__ void dsv4fn_chunk_topk(const float* lg, int n, int k,
   dsv4fn_block_topk<128>(lg, nullptr, base, n, k, hist, misc, cand_v, cand_i);
 }
 // fused top-k, step 2: per token, the top-k of its candidates -> cache slots (-1 padded) and length
+template <int NT>
 __device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int* cand_i, int ncand, int k,
                                                   int vis, int width, int page, const int* pt_row, int max_blocks,
                                                   int* hist, int* misc, float* sel_v, int* sel_i, int* out_row,
                                                   int* len, float* stage_v, int* stage_i, int stage_cap) {
   const int tid = threadIdx.x;
   if (vis > k && ncand <= stage_cap) {  // stage the candidates in shared memory: 5 passes read them
-    for (int i = tid; i < ncand; i += 256) {
+    for (int i = tid; i < ncand; i += NT) {
       stage_v[i] = cand_v[i];
       stage_i[i] = cand_i[i];
     }
@@ -216,14 +217,14 @@ __device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int
     cand_i = stage_i;
   }
   if (vis <= k) {  // every visible entry, in order
-    for (int j = tid; j < width; j += 256) {
+    for (int j = tid; j < width; j += NT) {
       int s = -1;
       if (j < vis) s = pt_row[min(j / page, max_blocks - 1)] * page + j % page;
       out_row[j] = s;
     }
   } else {
-    dsv4fn_block_topk<256>(cand_v, cand_i, 0, ncand, k, hist, misc, sel_v, sel_i);
-    for (int r = tid; r < width; r += 256) {
+    dsv4fn_block_topk<NT>(cand_v, cand_i, 0, ncand, k, hist, misc, sel_v, sel_i);
+    for (int r = tid; r < width; r += NT) {
       int s = -1;
       const int j = r < k ? sel_i[r] : -1;
       if (j >= 0) s = pt_row[min(j / page, max_blocks - 1)] * page + j % page;
@@ -416,7 +417,7 @@ def build_chunk_topk(
     return index_chunk_topk
 
 
-def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES):
+def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = MERGE_THREADS):
     """PrimFunc, fused top-k step 2: per token the top-k of its candidates -> slots, -1 padding, lengths."""
     f32, i32 = T.float32, T.int32
     NT_ = T.dynamic("tokens")
@@ -436,7 +437,7 @@ def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES):
         Out: T.Tensor[(NT_, W), i32],
         Lens: T.Tensor[(NT_,), i32],
     ):
-        with T.Kernel(NT_, threads=MERGE_THREADS) as t:
+        with T.Kernel(NT_, threads=threads) as t:
             T.import_source(TOPK_DEVICE_SRC)
             hist = T.alloc_shared([256], i32)
             misc = T.alloc_shared([2], i32)
@@ -448,7 +449,7 @@ def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES):
             req = Req[t]
             ncand = T.min(T.ceildiv(vis, CH), NC) * topk
             T.call_extern(
-                "handle", "dsv4fn_topk_merge", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]), ncand,
+                "handle", f"dsv4fn_topk_merge<{threads}>", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]), ncand,
                 topk, vis, W, p, T.address_of(PT[req, 0]), MB, T.address_of(hist[0]), T.address_of(misc[0]),
                 T.address_of(sel_v[0]), T.address_of(sel_i[0]), T.address_of(Out[t, 0]), T.address_of(Lens[t]),
                 T.address_of(stage_v[0]), T.address_of(stage_i[0]), MERGE_STAGE,
@@ -471,8 +472,8 @@ def _chunk_topk_kernel(
 
 
 @jit(pass_configs=MERGE_PASS_CONFIGS)
-def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES):
-    return build_topk_merge(topk, p, cpg)
+def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = MERGE_THREADS):
+    return build_topk_merge(topk, p, cpg, threads)
 
 
 def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int, int]:
@@ -559,7 +560,8 @@ def tl_index_topk_fused(
         _chunk_topk_kernel(hi, di, page_size, topk, cpg, stages, ctas, g),
         q8, weights, kv, ks, page_table, token_request, visible, cand_v, cand_i,
     )  # fmt: skip
-    launch(_topk_merge_kernel(topk, page_size, cpg), cand_v, cand_i, page_table, token_request, visible, out, lens)
+    merge = _topk_merge_kernel(topk, page_size, cpg, MERGE_THREADS)
+    launch(merge, cand_v, cand_i, page_table, token_request, visible, out, lens)
     return out, lens
 
 
