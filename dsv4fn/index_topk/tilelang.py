@@ -449,8 +449,8 @@ def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = M
             req = Req[t]
             ncand = T.min(T.ceildiv(vis, CH), NC) * topk
             T.call_extern(
-                "handle", f"dsv4fn_topk_merge<{threads}>", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]), ncand,
-                topk, vis, W, p, T.address_of(PT[req, 0]), MB, T.address_of(hist[0]), T.address_of(misc[0]),
+                "handle", f"dsv4fn_topk_merge<{threads}>", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]),
+                ncand, topk, vis, W, p, T.address_of(PT[req, 0]), MB, T.address_of(hist[0]), T.address_of(misc[0]),
                 T.address_of(sel_v[0]), T.address_of(sel_i[0]), T.address_of(Out[t, 0]), T.address_of(Lens[t]),
                 T.address_of(stage_v[0]), T.address_of(stage_i[0]), MERGE_STAGE,
             )  # fmt: skip
