@@ -135,7 +135,7 @@ def merge_sweep() -> None:
                 lambda: idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n), rep_ms=20
             )
             line.append(f"{nt}: merge {t_m:5.1f} total {t_f:6.1f} {ok}")
-        idx.MERGE_THREADS = 256
+        idx.MERGE_THREADS = 1024
         print(" | ".join(line), flush=True)
 
 
