@@ -47,7 +47,8 @@ def _kernels_compiled():
     ]
     tilings = (idx.CHUNK_SMALL, idx.CHUNK_LARGE)
     jobs += [lambda k=k, c=c: idx._chunk_topk_kernel(64, 128, 64, k, *c) for k in (512, 1024) for c in tilings]
-    jobs += [lambda k=k, c=c: idx._topk_merge_kernel(k, 64, c[0]) for k in (512, 1024) for c in tilings]
+    nt = idx.MERGE_THREADS
+    jobs += [lambda k=k, c=c: idx._topk_merge_kernel(k, 64, c[0], nt) for k in (512, 1024) for c in tilings]
     compat.precompile(jobs)
 
 
