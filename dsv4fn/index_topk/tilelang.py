@@ -22,9 +22,10 @@ never read. Several CTAs share an SM (`annotate_min_blocks_per_sm`), so 10+ page
      the order-preserving 32-bit key of each fp32 logit, 4 rounds of 8 bits, then a deterministic
      compaction); it writes k (logit, position) candidates. Tokens with `visible <= topk` and chunks
      past `visible` do nothing.
-  2. `topk_merge`: per token the same radix select over its ceil(visible / chunk) * k candidates (the
-     union of the local top-k sets holds the global top-k set; staged in shared memory up to 8192),
-     then cache slots, -1 padding and lengths; rows with `visible <= topk` take every entry in order.
+  2. `topk_merge`: per token (one CTA of MERGE_THREADS threads) the same radix select over its
+     ceil(visible / chunk) * k candidates (the union of the local top-k sets holds the global top-k set;
+     staged in shared memory up to 8192), then cache slots, -1 padding and lengths; rows with
+     `visible <= topk` take every entry in order.
 The keys are read once; the only other traffic is k candidates per chunk (8 bytes each).
 Ties at the k-th logit are broken deterministically (by chunk, then by thread-interleaved position).
 """
