@@ -139,7 +139,9 @@ def test_indexer_fused_topk_lowers(topk, tiling):
     assert "index_chunk_topk_kernel" in src and "dsv4fn_chunk_topk(" in _body(src)
     assert "tma_load(Kv_desc" in src and f"__launch_bounds__(128, {ctas})" in src
     src = _lower(idx.build_topk_merge(topk, 64, cpg), idx.MERGE_PASS_CONFIGS)
-    assert "index_topk_merge_kernel" in src and "dsv4fn_topk_merge(" in _body(src)
+    nt = idx.MERGE_THREADS
+    assert "index_topk_merge_kernel" in src and f"dsv4fn_topk_merge<{nt}>(" in _body(src)
+    assert f"__launch_bounds__({nt}, 1)" in src
 
 
 def test_indexer_fused_tiling_and_auto_rule():
