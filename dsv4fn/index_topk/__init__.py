@@ -83,16 +83,16 @@ def index_logits(
     backend: str | None = None,
 ) -> Float32[Tensor, "t width"]:
     """fp32 `[t, width]` logits `s_k · Σ_h w'_h · relu(q8_h · k8_j)` for `j < visible[t]`, −inf after."""
-    return _logits(q8, weights, cache, meta, _check(q8, weights, cache, meta), backend)
+    return _logits(q8, weights, cache, meta, _check(q8, weights, cache, meta), logits_width(meta), backend)
 
 
 def _logits(
     q8: Tensor, weights: Tensor, cache: IndexerKeyCache, meta: DSV4AttnMetadata, csa: CompressedStreamMeta,
-    backend: str | None,
+    width: int, backend: str | None,
 ) -> Tensor:  # fmt: skip
-    """`index_logits` after its checks (index_topk has made them already)."""
+    """`index_logits` after its checks (index_topk has made them already); `width` = `logits_width(meta)`."""
     _, fn = _backend.resolve("index_logits", backend, q8.device, lambda b: _tilelang_logits_fast(b, q8, cache))
-    return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, logits_width(meta))
+    return fn(q8, weights, cache, meta.page_table, meta.token_request, csa.visible, width)
 
 
 def _fused_topk(backend: str | None, q8: Tensor, cache: IndexerKeyCache, topk: int, max_visible: int):
@@ -131,13 +131,13 @@ def index_topk(
     csa = _check(q8, weights, cache, meta)
     k = meta.topk if topk is None else topk
     require(1 <= k <= csa.width, f"topk: expected 1..{csa.width} (the index width), got {k}")
-    fused = _fused_topk(backend, q8, cache, k, logits_width(meta))
+    width = logits_width(meta)  # the longest visible list: the logits' columns, the fused op's bound
+    fused = _fused_topk(backend, q8, cache, k, width)
     if fused is not None:
         return fused(
-            q8, weights, cache, meta.page_table, meta.token_request, csa.visible, k, csa.width,
-            max_visible=logits_width(meta),
-        )  # fmt: skip
-    logits = _logits(q8, weights, cache, meta, csa, backend)
+            q8, weights, cache, meta.page_table, meta.token_request, csa.visible, k, csa.width, max_visible=width
+        )
+    logits = _logits(q8, weights, cache, meta, csa, width, backend)
     _, fn = _backend.resolve("topk", backend, q8.device)
     return fn(logits, csa.visible, k, csa.width, meta.page_table, meta.token_request, csa.page_size)
 
