@@ -1,7 +1,8 @@
 """The peer pipeline of one attention layer step: the baseline of issue 7's layer target.
 
 `peer_layer` is `dsv4fn.attention_layer` on its kernel path (fp32 projections, `backend="triton"` for the
-raw-KV store) with the parts that public peers cover done by those peers. Step by step:
+raw-KV store) with the parts that public peers cover done by those peers: the same composition
+(`dsv4fn.layer.layer_step`) with other step implementations (`peer_steps`). Step by step:
 
     step (spec §2)                    ours: attention_layer(backend=b)       peer pipeline: peer_layer
     q LoRA, q norm + RoPE             linear_fp32, rms_normalize, norm_rope  same
@@ -38,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsv4fn import apply_rope, compress, norm_rope, prepare_query, rms_normalize, rope_cos_sin, store_kv
-from dsv4fn._linear import grouped_linear_fp32, linear_fp32
+from dsv4fn import compress
 from dsv4fn.attend.reference import sparse_attention
 from dsv4fn.config import DSV4Config
 from dsv4fn.index_topk import logits_width
 from dsv4fn.index_topk.reference import paged_logits
-from dsv4fn.layer import LayerAux, LayerParams, LayerState
+from dsv4fn.layer import LayerAux, LayerParams, LayerState, LayerSteps, layer_step, layer_steps
 from dsv4fn.state import DSV4AttnMetadata, IndexerKeyCache, PagedKVCache
 
 from . import peers
@@ -85,6 +85,31 @@ def topk_slots(logits: Tensor, meta: DSV4AttnMetadata) -> tuple[Tensor, Tensor]:
     return F.pad(slots, (0, csa.width - k), value=-1), lens
 
 
+def peer_steps(
+    device: torch.device,
+    logits_fn: LogitsFn | None,
+    attend_fn: AttendFn,
+    backend: str = "triton",
+    compress_backend: str = "torch",
+) -> LayerSteps:
+    """The step implementations of the peer pipeline (the table in the module docstring): `attention_layer`'s
+    kernel path on `backend` (fp32 projections, the raw-KV store) with the compressors on `compress_backend`,
+    `logits_fn` + `torch.topk` (`topk_slots`) for the top-k and `attend_fn` for the attention."""
+
+    def topk(q8: Tensor, w: Tensor, keys: IndexerKeyCache, meta: DSV4AttnMetadata) -> tuple[Tensor, Tensor]:
+        assert logits_fn is not None  # (peer_layer refuses a CSA layer without one)
+        return topk_slots(logits_fn(q8, w, keys, meta), meta)
+
+    return dataclasses.replace(
+        layer_steps(backend, device),
+        compress=lambda cp, st, x, meta, cache, freqs, eps: compress(
+            cp, st, x, meta, cache, freqs, eps=eps, backend=compress_backend
+        ),
+        index_topk=topk,
+        attend=attend_fn,
+    )
+
+
 def peer_layer(
     cfg: DSV4Config,
     params: LayerParams,
@@ -97,69 +122,14 @@ def peer_layer(
     backend: str = "triton",
     compress_backend: str = "torch",
 ) -> tuple[Tensor, LayerState, LayerAux]:
-    """One layer step as `attention_layer` computes it on its kernel path, with the peer-covered parts
-    swapped in (see the module docstring); `logits_fn` may be None for a layer without an indexer. `backend`:
-    the raw-KV store (ours, as in the kernel path); `compress_backend`: both compressors ("torch": the
-    reference compressor). Donates `state`."""
-    t = x.shape[0]
-    h, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
-    cos, sin = rope_cos_sin(params.freqs, meta.positions)
-    # 1-2. query (same as ours)
-    qr = rms_normalize(linear_fp32(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
-    q = norm_rope(
-        linear_fp32(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1),
-        out_dtype=torch.bfloat16,
-    )  # fmt: skip
-    # 3. raw KV into the window cache (same as ours)
-    kv = norm_rope(linear_fp32(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
-    swa = store_kv(state.swa, kv, meta.swa_write_loc, backend=backend)
-    new = dataclasses.replace(state, swa=swa)
-    extra_cache = extra_idx = extra_lens = None
-    csa_idx = csa_lens = entries = None
-    # 4. indexer (CSA layers)
-    if params.indexer is not None:
-        assert state.index_state is not None and state.index_keys is not None
-        ip = params.indexer
-        if logits_fn is None:
-            raise ValueError("logits_fn: a CSA layer (with an indexer) needs one")
-        # PEER: the reference compressor
-        idx_state, _, keys = compress(
-            ip.compressor, state.index_state, x, meta, state.index_keys, params.freqs, eps=eps,
-            backend=compress_backend,
-        )  # fmt: skip
-        assert isinstance(keys, IndexerKeyCache)
-        new = dataclasses.replace(new, index_state=idx_state, index_keys=keys)
-        # indexer query (same as ours)
-        qi = linear_fp32(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
-        q8, w = prepare_query(qi, linear_fp32(x, ip.weights_proj), cos, sin, cfg.index_weight_scale)
-        # PEER: DeepGEMM logits, then torch.topk and the glue to cache slots
-        csa_idx, csa_lens = topk_slots(logits_fn(q8, w, keys, meta), meta)
-    # 5. attention compressor
-    if params.compressor is not None:
-        assert state.comp_state is not None and state.compressed is not None
-        # PEER: the reference compressor
-        comp_state, entries, comp = compress(
-            params.compressor, state.comp_state, x, meta, state.compressed, params.freqs, eps=eps,
-            backend=compress_backend,
-        )  # fmt: skip
-        assert isinstance(comp, PagedKVCache)
-        new = dataclasses.replace(new, comp_state=comp_state, compressed=comp)
-        extra_cache = comp
-        stream = meta.stream(params.ratio)
-        if stream.indexed:
-            extra_idx, extra_lens = csa_idx, csa_lens
-        else:
-            extra_idx, extra_lens = stream.indices, stream.lens
-    # 6. PEER: FlashMLA sparse attention (window = main cache, compressed = extra cache)
-    o = attend_fn(
-        q.view(t, 1, h, d), swa, meta.window_indices.view(t, 1, -1), meta.window_lens, extra_cache,
-        None if extra_idx is None else extra_idx.view(t, 1, -1), extra_lens, params.sink, cfg.softmax_scale,
-    )  # fmt: skip
-    # 7-8. inverse RoPE, grouped output projection (same as ours)
-    o = apply_rope(o.reshape(t, h, d), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
-    u = grouped_linear_fp32(o.view(t, cfg.o_groups, -1), params.wo_a).to(torch.bfloat16)
-    out = linear_fp32(u.flatten(1), params.wo_b).to(torch.bfloat16)
-    return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)
+    """One layer step as `attention_layer` computes it on its kernel path (`dsv4fn.layer.layer_step`, the same
+    composition), with the peer-covered parts swapped in (`peer_steps`); `logits_fn` may be None for a layer
+    without an indexer. `backend`: the raw-KV store (ours, as in the kernel path); `compress_backend`: both
+    compressors ("torch": the reference compressor). Donates `state`."""
+    if params.indexer is not None and logits_fn is None:
+        raise ValueError("logits_fn: a CSA layer (with an indexer) needs one")
+    steps = peer_steps(x.device, logits_fn, attend_fn, backend, compress_backend)
+    return layer_step(cfg, params, state, x, meta, steps)
 
 
 # ---------------------------------------------------------------------------------------------

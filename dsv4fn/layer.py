@@ -1,6 +1,8 @@
 """One DSV4 attention layer composed from the steps, as a pure function of params and state (spec §2)."""
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import BFloat16, Float32
@@ -130,6 +132,120 @@ def init_layer_state(
     return LayerState(swa=swa, compressed=comp, index_keys=keys, comp_state=comp_state, index_state=idx_state)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSteps:
+    """The implementations one layer step calls, in spec order. `attention_layer` takes them from its `backend`
+    (`layer_steps`); `layer_step` composes any set: bench/peer_layer.py puts DeepGEMM, `torch.topk`, FlashMLA and
+    the reference compressor in their places, and a kernel under test can take its step's place the same way."""
+
+    linear: Callable[[Tensor, Tensor], Tensor]  # x [..., in] · w [out, in]ᵀ -> fp32 [..., out]
+    grouped_linear: Callable[[Tensor, Tensor], Tensor]  # o [t, g, in] · wo_a [g, out, in] -> bf16 [t, g, out]
+    store_kv: Callable[[PagedKVCache, Tensor, Tensor], PagedKVCache]  # (cache, kv bf16 [t, d], slots) -> cache
+    # (compressor params, state, x, meta, cache, freqs, eps) -> (state, entries, cache), as `compress`
+    compress: Callable[..., tuple[Any, Any, Any]]
+    # (q8, weights, key cache, meta) -> (cache slots int32 [t, width], lengths int32 [t]), as `index_topk`
+    index_topk: Callable[[Tensor, Tensor, IndexerKeyCache, DSV4AttnMetadata], tuple[Tensor, Tensor]]
+    # (q [t, 1, h, d], cache, indices, lens, extra_cache, extra_indices, extra_lens, sink, scale) -> o bf16
+    attend: Callable[..., Tensor]
+
+
+def _grouped_linear_fp64(o: Tensor, w: Tensor) -> Tensor:
+    return torch.einsum("tgk,gok->tgo", o.double(), w.double()).float().to(torch.bfloat16)
+
+
+def _grouped_linear_bf16(o: Tensor, w: Tensor) -> Tensor:
+    return grouped_linear_fp32(o, w).to(torch.bfloat16)
+
+
+def layer_steps(backend: str | None, device: torch.device) -> LayerSteps:
+    """The steps of `attention_layer(backend=...)`: the reference path projects with batch-invariant fp64 GEMMs
+    (chunking invariance is bitwise), kernel paths with fp32 GEMMs; every kernel step takes `backend`."""
+    kernel_path = _backend.resolve("attend", backend, device)[0] not in ("torch",) and not (
+        backend or _backend.default_backend()
+    ).startswith("compare")
+
+    def attend_o(
+        q: Tensor, cache: PagedKVCache, indices: Tensor, lens: Tensor, extra_cache: PagedKVCache | None,
+        extra_indices: Tensor | None, extra_lens: Tensor | None, sink: Tensor, scale: float,
+    ) -> Tensor:  # fmt: skip
+        return attend(
+            q, cache, indices, lens, extra_cache=extra_cache, extra_indices=extra_indices, extra_lens=extra_lens,
+            sink=sink, scale=scale, backend=backend,
+        )[0]  # fmt: skip
+
+    return LayerSteps(
+        linear=linear_fp32 if kernel_path else linear,
+        grouped_linear=_grouped_linear_bf16 if kernel_path else _grouped_linear_fp64,
+        store_kv=lambda cache, kv, loc: store_kv(cache, kv, loc, backend=backend),
+        compress=lambda cp, st, x, meta, cache, freqs, eps: compress(
+            cp, st, x, meta, cache, freqs, eps=eps, backend=backend
+        ),
+        index_topk=lambda q8, w, keys, meta: index_topk(q8, w, keys, meta, backend=backend),
+        attend=attend_o,
+    )
+
+
+def layer_step(
+    cfg: DSV4Config, params: LayerParams, state: LayerState, x: Tensor, meta: DSV4AttnMetadata, steps: LayerSteps
+) -> tuple[Tensor, LayerState, LayerAux]:
+    """The composition of one layer step with the given step implementations (`attention_layer` without its
+    argument checks and donation tracking). Order (spec §2): q path; raw KV stored in the window cache; (CSA)
+    indexer compressor, indexer query, top-k; attention compressor; sparse attention with sink; inverse RoPE;
+    grouped output."""
+    t = x.shape[0]
+    h, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
+    linear_ = steps.linear
+    cos, sin = rope_cos_sin(params.freqs, meta.positions)
+    # 1-2. query: q LoRA, per-head weightless RMS-normalize, RoPE
+    qr = rms_normalize(linear_(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
+    q = norm_rope(
+        linear_(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1), out_dtype=torch.bfloat16
+    )
+    # 3. raw KV into the window cache
+    kv = norm_rope(linear_(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
+    swa = steps.store_kv(state.swa, kv, meta.swa_write_loc)
+    new = dataclasses.replace(state, swa=swa)
+    extra_cache = extra_idx = extra_lens = None
+    csa_idx = csa_lens = entries = None
+    # 4. indexer (CSA layers): its own compressor, then scores and top-k
+    if params.indexer is not None:
+        assert state.index_state is not None and state.index_keys is not None
+        ip = params.indexer
+        idx_state, _, keys = steps.compress(
+            ip.compressor, state.index_state, x, meta, state.index_keys, params.freqs, eps
+        )
+        assert isinstance(keys, IndexerKeyCache)
+        new = dataclasses.replace(new, index_state=idx_state, index_keys=keys)
+        qi = linear_(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
+        w_raw = linear_(x, ip.weights_proj)
+        q8, w = prepare_query(qi, w_raw, cos, sin, cfg.index_weight_scale)
+        csa_idx, csa_lens = steps.index_topk(q8, w, keys, meta)
+    # 5. attention compressor
+    if params.compressor is not None:
+        assert state.comp_state is not None and state.compressed is not None
+        comp_state, entries, comp = steps.compress(
+            params.compressor, state.comp_state, x, meta, state.compressed, params.freqs, eps
+        )
+        assert isinstance(comp, PagedKVCache)
+        new = dataclasses.replace(new, comp_state=comp_state, compressed=comp)
+        extra_cache = comp
+        stream = meta.stream(params.ratio)
+        if stream.indexed:
+            extra_idx, extra_lens = csa_idx, csa_lens
+        else:
+            extra_idx, extra_lens = stream.indices, stream.lens
+    # 6. sparse attention (window = main cache, compressed = extra cache)
+    o = steps.attend(
+        q.view(t, 1, h, d), swa, meta.window_indices.view(t, 1, -1), meta.window_lens, extra_cache,
+        None if extra_idx is None else extra_idx.view(t, 1, -1), extra_lens, params.sink, cfg.softmax_scale,
+    )  # fmt: skip
+    # 7-8. inverse RoPE, grouped output projection
+    o = apply_rope(o.view(t, h, d), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
+    u = steps.grouped_linear(o.view(t, cfg.o_groups, -1), params.wo_a)
+    out = linear_(u.flatten(1), params.wo_b).to(torch.bfloat16)
+    return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)
+
+
 def attention_layer(
     cfg: DSV4Config,
     params: LayerParams,
@@ -172,75 +288,8 @@ def attention_layer(
         if params.compressor is not None:
             donated |= {"state.comp_state": state.comp_state, "state.compressed": state.compressed}
         check_not_donated("attention_layer", donated)
-    t = x.shape[0]
-    h, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
-    # the reference path projects with batch-invariant fp64 GEMMs (chunking invariance is bitwise);
-    # kernel paths use fp32 GEMMs
-    kernel_path = _backend.resolve("attend", backend, x.device)[0] not in ("torch",) and not (
-        backend or _backend.default_backend()
-    ).startswith("compare")
-    linear_ = linear_fp32 if kernel_path else linear
-    cos, sin = rope_cos_sin(params.freqs, meta.positions)
-    # 1-2. query: q LoRA, per-head weightless RMS-normalize, RoPE
-    qr = rms_normalize(linear_(x, params.wq_a), params.q_norm, eps).to(torch.bfloat16)
-    q = norm_rope(
-        linear_(qr, params.wq_b).view(t, h, d), None, eps, cos.unsqueeze(1), sin.unsqueeze(1), out_dtype=torch.bfloat16
-    )
-    # 3. raw KV into the window cache
-    kv = norm_rope(linear_(x, params.wkv), params.kv_norm, eps, cos, sin, out_dtype=torch.bfloat16)
-    swa = store_kv(state.swa, kv, meta.swa_write_loc, backend=backend)
-    new = dataclasses.replace(state, swa=swa)
-    extra_cache = extra_idx = extra_lens = None
-    csa_idx = csa_lens = entries = None
-    # 4. indexer (CSA layers): its own compressor, then scores and top-k
-    if params.indexer is not None:
-        assert state.index_state is not None and state.index_keys is not None
-        ip = params.indexer
-        idx_state, _, keys = compress(
-            ip.compressor, state.index_state, x, meta, state.index_keys, params.freqs, eps=eps, backend=backend
-        )
-        assert isinstance(keys, IndexerKeyCache)
-        new = dataclasses.replace(new, index_state=idx_state, index_keys=keys)
-        qi = linear_(qr, ip.wq_b).view(t, cfg.index_heads, cfg.index_head_dim).to(torch.bfloat16)
-        w_raw = linear_(x, ip.weights_proj)
-        q8, w = prepare_query(qi, w_raw, cos, sin, cfg.index_weight_scale)
-        csa_idx, csa_lens = index_topk(q8, w, keys, meta, backend=backend)
-    # 5. attention compressor
-    if params.compressor is not None:
-        assert state.comp_state is not None and state.compressed is not None
-        comp_state, entries, comp = compress(
-            params.compressor, state.comp_state, x, meta, state.compressed, params.freqs, eps=eps, backend=backend
-        )
-        assert isinstance(comp, PagedKVCache)
-        new = dataclasses.replace(new, comp_state=comp_state, compressed=comp)
-        extra_cache = comp
-        stream = meta.stream(params.ratio)
-        if stream.indexed:
-            extra_idx, extra_lens = csa_idx, csa_lens
-        else:
-            extra_idx, extra_lens = stream.indices, stream.lens
-    # 6. sparse attention (window = main cache, compressed = extra cache)
-    o, _ = attend(
-        q.view(t, 1, h, d),
-        swa,
-        meta.window_indices.view(t, 1, -1),
-        meta.window_lens,
-        extra_cache=extra_cache,
-        extra_indices=None if extra_idx is None else extra_idx.view(t, 1, -1),
-        extra_lens=extra_lens,
-        sink=params.sink,
-        scale=cfg.softmax_scale,
-        backend=backend,
-    )
-    # 7-8. inverse RoPE, grouped output projection
-    o = apply_rope(o.view(t, h, d), cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
-    g = cfg.o_groups
-    if kernel_path:
-        u = grouped_linear_fp32(o.view(t, g, -1), params.wo_a).to(torch.bfloat16)
-    else:
-        u = torch.einsum("tgk,gok->tgo", o.view(t, g, -1).double(), params.wo_a.double()).float().to(torch.bfloat16)
-    out = linear_(u.flatten(1), params.wo_b).to(torch.bfloat16)
+    out, new, aux = layer_step(cfg, params, state, x, meta, layer_steps(backend, x.device))
     if donated is not None:
         fresh = (new, new.swa, new.compressed, new.index_keys, new.comp_state, new.index_state)
         mark_donated("attention_layer", tuple(donated.values()), fresh)
-    return out, new, LayerAux(csa_indices=csa_idx, csa_lens=csa_lens, entries=entries)
+    return out, new, aux
