@@ -44,11 +44,10 @@ def compile_all(do_attn: bool, do_index: bool) -> None:
         jobs += [lambda i=i, s=s: attn._kernels(i, 64, 448, 64, 64, 64, 64, SCALE, s) for i in ("ws", "legacy")
                  for s in (False, True)]  # fmt: skip
     if do_index:
-        jobs += [
-            lambda: idx._logits_kernel(64, 128, 64, *idx._LOGITS_TILING),
-            lambda: idx._chunk_topk_kernel(64, 128, 64, 512),
-            lambda: idx._topk_merge_kernel(512, 64),
-        ]
+        jobs.append(lambda: idx._logits_kernel(64, 128, 64, *idx._LOGITS_TILING))
+        tilings = (idx.CHUNK_SMALL, idx.CHUNK_LARGE)  # the two `chunk_tiling` picks, with their merges
+        jobs += [lambda c=c: idx._chunk_topk_kernel(64, 128, 64, 512, *c) for c in tilings]
+        jobs += [lambda c=c: idx._topk_merge_kernel(512, 64, c[0], idx.MERGE_THREADS) for c in tilings]
     t0 = time.time()
     compat.precompile(jobs)
     print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s")

@@ -40,8 +40,7 @@ from ..state import IndexerKeyCache
 PAGES_PER_CTA = 16  # index_logits: pages (of 64 keys) per CTA
 STAGES = 4  # pages in flight per CTA (TMA + mbarrier ring)
 MIN_CTAS_PER_SM = 4  # register cap 128/thread; shared memory allows ~5 CTAs of the logits kernel
-CHUNK_PAGES = 64  # fused top-k: pages per CTA (4096 keys): local top-k candidates per chunk
-CHUNK_STAGES = 8  # builder default (1 page a step: 7 pages in flight); `chunk_tiling` picks the tilings used
+CHUNK_PAGES = 64  # fused top-k: the largest chunk (4096 keys; it bounds topk)
 CHUNK_CTAS_PER_SM = 2
 THREADS = 128
 # threads per token of the fused top-k's merge (read per call). H100, top-512: 1024 take the merge from 19.8 to
@@ -356,8 +355,8 @@ def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: int
 
 
 def build_chunk_topk(
-    hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES,
-    ctas: int = CHUNK_CTAS_PER_SM, G: int = 1,
+    hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_LARGE[0], stages: int = CHUNK_LARGE[1],
+    ctas: int = CHUNK_LARGE[2], G: int = CHUNK_LARGE[3],
 ):  # fmt: skip
     """PrimFunc, fused top-k step 1: per (chunk of `cpg` pages, token) the local top-k candidates."""
     f32, i32, fp8 = T.float32, T.int32, T.float8_e4m3fn
@@ -468,8 +467,8 @@ def _logits_kernel(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: i
 
 @jit(pass_configs=PASS_CONFIGS)
 def _chunk_topk_kernel(
-    hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_PAGES, stages: int = CHUNK_STAGES,
-    ctas: int = CHUNK_CTAS_PER_SM, G: int = 1,
+    hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_LARGE[0], stages: int = CHUNK_LARGE[1],
+    ctas: int = CHUNK_LARGE[2], G: int = CHUNK_LARGE[3],
 ):  # fmt: skip
     return build_chunk_topk(hi, di, p, topk, cpg, stages, ctas, G)
 
