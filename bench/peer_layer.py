@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4fn import compress
-from dsv4fn.attend.reference import sparse_attention
 from dsv4fn.config import DSV4Config
 from dsv4fn.index_topk import logits_width
 from dsv4fn.index_topk.reference import paged_logits
@@ -142,14 +141,8 @@ def reference_logits(q8: Tensor, w: Tensor, keys: IndexerKeyCache, meta: DSV4Att
     return paged_logits(q8, w, keys, meta.page_table, meta.token_request, meta.csa.visible, logits_width(meta))
 
 
-def reference_attend(
-    q: Tensor, cache: PagedKVCache, indices: Tensor, lens: Tensor, extra_cache: PagedKVCache | None,
-    extra_indices: Tensor | None, extra_lens: Tensor | None, sink: Tensor, scale: float,
-) -> Tensor:  # fmt: skip
-    return sparse_attention(
-        q, cache, indices, lens, extra_cache=extra_cache, extra_indices=extra_indices, extra_lens=extra_lens,
-        sink=sink, scale=scale,
-    )[0]  # fmt: skip
+# the reference path's attention step (dsv4fn.attend on backend "torch", o only)
+reference_attend: AttendFn = layer_steps("torch", torch.device("cpu")).attend
 
 
 # ---------------------------------------------------------------------------------------------
