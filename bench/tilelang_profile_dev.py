@@ -6,6 +6,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev attn-probe     # attention ws: time with stages left out
     python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
+    python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
 
@@ -169,6 +170,69 @@ def fused_sweep() -> None:
         torch.cuda.empty_cache()
 
 
+CHUNK_PROBES = ("", "no_topk", "no_math,no_topk")
+
+
+def pdl_probe() -> None:
+    """Fused top-k: the chunk kernel with its stages left out (wrong results, timing only) and the full op with
+    the merge launched as a programmatic dependent (PDL) or not; attention's split path with the combine as a
+    PDL launch or not. Every full-op variant is checked against the reference first."""
+    small, large = idx.CHUNK_SMALL, idx.CHUNK_LARGE
+    jobs = [lambda tl=tl, pr=pr: idx._chunk_topk_kernel(64, 128, 64, TOPK, *tl, pr) for tl in (small, large)
+            for pr in CHUNK_PROBES]  # fmt: skip
+    jobs += [lambda c=c, pd=pd: idx._topk_merge_kernel(TOPK, 64, c, idx.MERGE_THREADS, pd) for c in (32, 64)
+             for pd in (False, True)]  # fmt: skip
+    jobs += [lambda pd=pd: attn._combine_kernel(64, 512, pd) for pd in (False, True)]
+    jobs += [lambda: attn._attend_ws_kernel(64, 64, 64, SCALE, True)]
+    t0 = time.time()
+    compat.precompile(jobs)
+    print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s", flush=True)
+    print("fused top-512 (64 heads x 128, page 64, all keys visible); graphflush us")
+    for t_, n in FUSED_CASES:
+        q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
+        vis.fill_(n)
+        tiling = idx.chunk_tiling(TOPK, n, 64)
+        kv, ks = idx._cache_views(cache.data, 64, 128)
+        chunks = -(-n // (64 * tiling[0]))
+        cv = torch.empty((t_, chunks, TOPK), dtype=torch.float32, device="cuda")
+        ci = torch.empty((t_, chunks, TOPK), dtype=torch.int32, device="cuda")
+        line = [f"t={t_} keys={n} tiling {tiling} floor {t_ * n * 132 / HBM * 1e6:.1f}"]
+        for pd in (False, True):
+            idx.MERGE_PDL = pd
+            try:
+                g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
+                gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, TOPK, TOPK, g_idx, g_len)
+                ok = "ok"
+            except AssertionError:
+                ok = "FAIL"
+            t_f = graphflush_us(
+                lambda: idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n), rep_ms=20
+            )
+            line.append(f"pdl={int(pd)}: total {t_f:6.1f} {ok}")
+        idx.MERGE_PDL = True
+        for pr in CHUNK_PROBES:
+            k = idx._chunk_topk_kernel(64, 128, 64, TOPK, *tiling, pr)
+            t_c = graphflush_us(lambda: compat.launch(k, q8, w, kv, ks, pt, req, vis, cv, ci), rep_ms=20)
+            line.append(f"chunk[{pr or 'full'}] {t_c:6.1f}")
+        print(" | ".join(line), flush=True)
+        q8 = w = cache = None
+        torch.cuda.empty_cache()
+    print("attention split path (ws main + combine), window 128 + 512; graphflush us")
+    for b in (1, 32, 64):
+        q, c1, i1, l1, kw = _attn_case(b, 512)
+        expect = ref_attention(q, c1, i1, l1, **kw)
+        line = [f"b={b} splits={attn.choose_splits(b, 1, 64, 128, 512, 'ws')}"]
+        for pd in (False, True):
+            attn.COMBINE_PDL = pd
+            attn._kernels.cache_clear()
+            ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
+            t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
+            line.append(f"pdl={int(pd)}: {t:6.1f} {'ok' if ok is None else 'FAIL'}")
+        attn.COMBINE_PDL = True
+        attn._kernels.cache_clear()
+        print(" | ".join(line), flush=True)
+
+
 def run_attn(b: int) -> None:
     q, c1, i1, l1, kw = _attn_case(b, 512)
     for _ in range(3):
@@ -189,7 +253,7 @@ def main() -> None:
     args = sys.argv[2:] if cmd == "attn-scan" else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
-    cmds.update({"run-attn": run_attn, "run-fused": run_fused})
+    cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe})
     cmds[cmd](*args)
 
 

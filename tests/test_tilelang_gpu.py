@@ -261,6 +261,32 @@ def test_index_topk_fused_matches_reference_sets(t, n_keys, topk, tiling, monkey
     _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_len)
 
 
+@pytest.mark.parametrize("tiling", ["small", "large"])
+def test_index_topk_fused_heavy_ties(tiling, monkeypatch):
+    """Every row's pages are drawn from three pages, so each logit value repeats ~n/192 times: the k-th is
+    tied many times over (the radix select's last digit and its tie order, never an early exit)."""
+    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE)
+    q8, w, cache, pt, req, vis = _indexer_inputs(8, 16384, seed=5)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    pick = torch.randint(0, 3, pt.shape, generator=g, device="cuda")
+    pt = torch.gather(pt, 1, pick).contiguous()
+    vis.fill_(16384)
+    g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=16384)
+    assert torch.equal(g_len, torch.full_like(g_len, 512))
+    logits = ref_logits(q8, w, cache, pt, req, vis, 16384)
+    top = torch.topk(logits, 512, dim=-1).values
+    kth = top[:, -1:]
+    # slots repeat across a row here, so compare logits: the selected multiset is the top-512 multiset
+    j = torch.arange(16384, device="cuda")
+    slot_of = pt.long()[:, j // 64] * 64 + j % 64  # [t, n]
+    for r in range(8):
+        lg_of_slot = dict(zip(slot_of[r].tolist(), logits[r].tolist(), strict=True))
+        got = torch.tensor([lg_of_slot[s] for s in g_idx[r].tolist()], device="cuda")
+        tol = FP8_MMA_RTOL * logits[r].abs().max().item() + 1e-6
+        assert bool((got >= kth[r] - tol).all()), r
+        assert abs(got.sum().item() - top[r].sum().item()) <= 512 * tol, r
+
+
 def test_index_topk_fused_cuda_graph_deterministic_and_opcheck():
     q8, w, cache, pt, req, vis = _indexer_inputs(32, 16384, seed=11)
     eager = idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 512, max_visible=16384)

@@ -62,6 +62,7 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
+COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
 # 168 registers per thread (65536 / 384, rounded down to 8) and `setmaxnreg.inc` blocks until the other
@@ -180,7 +181,7 @@ def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: in
         main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
-    comb = _combine_kernel(h, nope + rope) if split else None
+    comb = _combine_kernel(h, nope + rope, COMBINE_PDL) if split else None
     return main, comb
 
 
@@ -195,8 +196,8 @@ def _attend_legacy_kernel(h: int, nope: int, rope: int, tile: int, p1: int, p2: 
 
 
 @jit
-def _combine_kernel(h: int, d: int):
-    return build_combine(h, d)
+def _combine_kernel(h: int, d: int, pdl: bool = True):
+    return build_combine(h, d, pdl)
 
 
 def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
@@ -746,8 +747,11 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
     return attend_direct
 
 
-def build_combine(h: int, d: int):
-    """Merge split partials: o = sum_s 2^(L_s - L) o_s, L = log2 sum_s 2^L_s; sink; empty -> 0 / +inf."""
+def build_combine(h: int, d: int, pdl: bool = True):
+    """Merge split partials: o = sum_s 2^(L_s - L) o_s, L = log2 sum_s 2^L_s; sink; empty -> 0 / +inf.
+
+    `pdl`: launched as a programmatic dependent of the split kernel (it waits for the partials in
+    `griddepcontrol.wait`, its launch overlapping the split kernel's last CTAs)."""
     B = T.dynamic("batch")
     SQ = T.dynamic("s_q")
     NS = T.dynamic("splits")
@@ -767,6 +771,8 @@ def build_combine(h: int, d: int):
             tot = T.alloc_var(f32)
             lse2 = T.alloc_var(f32)
             fac = T.alloc_var(f32)
+            if pdl:
+                T.pdl_sync()
             lmax = -T.infinity(f32)
             for s in T.serial(NS):
                 lmax = T.max(lmax, Lpart[b, sq, s, hh])

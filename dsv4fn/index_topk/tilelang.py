@@ -19,13 +19,16 @@ never read. Several CTAs share an SM (`annotate_min_blocks_per_sm`), so 10+ page
 `index_topk_fused`: never writes the logits. Two launches, no host sync:
   1. `chunk_topk`: a CTA computes the logits of one chunk of a token's pages (2048 or 4096 keys, see
      `chunk_tiling`) into shared memory and selects its exact local top-k there (block radix select on
-     the order-preserving 32-bit key of each fp32 logit, 4 rounds of 8 bits, then a deterministic
-     compaction); it writes k (logit, position) candidates. Tokens with `visible <= topk` and chunks
-     past `visible` do nothing.
+     the order-preserving 32-bit key of each fp32 logit in digits of 11, 11 and 10 bits, stopping at the
+     first digit whose bin holds exactly the keys still needed, then a deterministic compaction); the first
+     digit's histogram is counted page by page as the logits land, inside the page loop. It writes k
+     (logit, position) candidates. Tokens with `visible <= topk` and chunks past `visible` do nothing.
   2. `topk_merge`: per token (one CTA of MERGE_THREADS threads) the same radix select over its
      ceil(visible / chunk) * k candidates (the union of the local top-k sets holds the global top-k set;
      staged in shared memory up to 8192), then cache slots, -1 padding and lengths; rows with
-     `visible <= topk` take every entry in order.
+     `visible <= topk` take every entry in order. It is a programmatic dependent launch (PDL) of step 1:
+     its launch overlaps the chunk kernel's last CTAs, and it waits for their candidates in
+     `griddepcontrol.wait`.
 The keys are read once; the only other traffic is k candidates per chunk (8 bytes each).
 Ties at the k-th logit are broken deterministically (by chunk, then by thread-interleaved position).
 """
@@ -46,6 +49,7 @@ THREADS = 128
 # threads per token of the fused top-k's merge (read per call). H100, top-512: 1024 take the merge from 19.8 to
 # 16.7 us at t=32 x 16k keys and from 31.6 to 22.9 at t=32 x 64k (512: 17.1, 24.8); the tie order changes with it
 MERGE_THREADS = 1024
+MERGE_PDL = True  # the merge is a programmatic dependent launch of the chunk kernel (read per call; bench knob)
 MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
@@ -64,68 +68,142 @@ TOPK_DEVICE_SRC = (
     DEVICE_SRC
     + r"""
 // dsv4fn/index_topk/tilelang.py: exact block-wide top-k by radix select (all NT threads call these).
+// The k-th largest key is found digit by digit over the order-preserving 32-bit key of each fp32 value:
+// bits [31:21] (2048 bins), [20:10] (2048), [9:0] (1024); a digit whose bin holds exactly the keys still
+// needed ends the search early. Histograms are int counts, or (PACKED) two 16-bit counts per int (n < 65536).
 __device__ __forceinline__ unsigned dsv4fn_okey(float x) {  // order-preserving: larger float, larger key
   const unsigned u = __float_as_uint(x);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
-// Key `thr` of the k-th largest of vals[0..n) (1 <= k <= n) and `above` = #keys > thr.
-// hist: 256 ints of shared memory, misc: 2 ints of shared memory.
-template <int NT>
-__device__ __forceinline__ void dsv4fn_radix_kth(const float* vals, int n, int k, int* hist, int* misc,
+template <bool PACKED>
+__device__ __forceinline__ int dsv4fn_hget(const int* h, int b) {
+  if (PACKED) return (reinterpret_cast<const unsigned*>(h)[b >> 1] >> ((b & 1) << 4)) & 0xffffu;
+  return h[b];
+}
+template <bool PACKED>
+__device__ __forceinline__ void dsv4fn_hadd(int* h, int b, int c) {
+  if (PACKED) {
+    atomicAdd(reinterpret_cast<unsigned*>(h) + (b >> 1), static_cast<unsigned>(c) << ((b & 1) << 4));
+  } else {
+    atomicAdd(h + b, c);
+  }
+}
+template <int NT, int BINS, bool PACKED>
+__device__ __forceinline__ void dsv4fn_hzero(int* h) {
+  for (int i = threadIdx.x; i < (PACKED ? BINS / 2 : BINS); i += NT) h[i] = 0;
+}
+// The first digit of the chunk's logits, built page by page while the next pages load: `cnt` values.
+__device__ __forceinline__ void dsv4fn_hist_page(const float* vals, int cnt, int* h) {
+  for (int i = threadIdx.x; i < cnt; i += 128) dsv4fn_hadd<true>(h, dsv4fn_okey(vals[i]) >> 21, 1);
+}
+// Histogram of digit (key >> shift) & (BINS - 1) over the keys with (key & mask) == prefix.
+template <int NT, int BINS, bool PACKED>
+__device__ __forceinline__ void dsv4fn_hist_digit(const float* vals, int n, unsigned prefix, unsigned mask, int shift,
+                                                  int* h) {
+  for (int i = threadIdx.x; i < n; i += NT) {
+    const unsigned key = dsv4fn_okey(vals[i]);
+    if ((key & mask) == prefix) {
+      // warp-aggregated: close logits share bins, so plain shared atomics would serialise lanes on one bin
+      const int bin = static_cast<int>((key >> shift) & (BINS - 1));
+      const unsigned peers = __match_any_sync(__activemask(), bin);
+      if ((threadIdx.x & 31) == __ffs(peers) - 1) dsv4fn_hadd<PACKED>(h, bin, __popc(peers));
+    }
+  }
+}
+// The bin holding the need-th largest key (bins scanned from the top): misc[0] = bin, misc[1] = keys in higher
+// bins, misc[2] = keys in the bin. Thread t owns bins BINS-1-t*BPT down to BINS-(t+1)*BPT; it sums them in an
+// order rotated by its lane (no shared-memory bank conflicts). scratch: NT / 32 ints.
+template <int NT, int BINS, bool PACKED>
+__device__ __forceinline__ void dsv4fn_find_bin(const int* h, int need, int* scratch, int* misc) {
+  static_assert(BINS % NT == 0 && (!PACKED || (BINS / NT) % 2 == 0), "bins per thread");
+  constexpr int BPT = BINS / NT;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int top = BINS - 1 - tid * BPT, low = top - (BPT - 1);
+  int s = 0;
+  if (PACKED) {
+    const unsigned* w = reinterpret_cast<const unsigned*>(h) + (low >> 1);
+#pragma unroll
+    for (int j = 0; j < BPT / 2; ++j) {
+      const unsigned v = w[(j + lane) % (BPT / 2)];
+      s += static_cast<int>((v & 0xffffu) + (v >> 16));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < BPT; ++j) s += h[low + (j + lane) % BPT];
+  }
+  int incl = s;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) incl += scratch[w];
+  const int excl = incl - s;
+  if (excl < need && need <= incl) {
+    int acc = excl;
+#pragma unroll 1
+    for (int j = 0; j < BPT; ++j) {
+      const int c = dsv4fn_hget<PACKED>(h, top - j);
+      if (acc + c >= need) {
+        misc[0] = top - j;
+        misc[1] = acc;
+        misc[2] = c;
+        break;
+      }
+      acc += c;
+    }
+  }
+  __syncthreads();
+}
+// Key `thr` and `above` such that the k largest of vals[0..n) (1 <= k <= n) are every key > thr, then the
+// first (k - above) keys == thr. hist: 2048 bins; `top_done`: it already holds the first digit of all n keys.
+// misc: 4 + NT / 32 ints.
+template <int NT, bool PACKED>
+__device__ __forceinline__ void dsv4fn_radix_kth(const float* vals, int n, int k, int* hist, int* misc, bool top_done,
                                                  unsigned& thr, int& above) {
-  const int tid = threadIdx.x;
+  if (!top_done) {
+    dsv4fn_hzero<NT, 2048, PACKED>(hist);
+    __syncthreads();
+    dsv4fn_hist_digit<NT, 2048, PACKED>(vals, n, 0u, 0u, 21, hist);
+    __syncthreads();
+  }
   unsigned prefix = 0u, mask = 0u;
   int need = k;  // rank still to find among the keys matching `prefix`
 #pragma unroll 1
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += NT) hist[i] = 0;
-    __syncthreads();
-    for (int i = tid; i < n; i += NT) {
-      const unsigned key = dsv4fn_okey(vals[i]);
-      if ((key & mask) == prefix) {
-        // warp-aggregated: logits of one row share a few exponent bytes, so plain shared atomics would
-        // serialise up to 32 lanes on one bin
-        const unsigned bin = (key >> shift) & 255u;
-        const unsigned peers = __match_any_sync(__activemask(), bin);
-        if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+  for (int r = 0; r < 3; ++r) {
+    const int shift = r == 0 ? 21 : (r == 1 ? 10 : 0);
+    const unsigned bins = r == 2 ? 1024u : 2048u;
+    if (r > 0) {
+      if (r == 1) {
+        dsv4fn_hzero<NT, 2048, PACKED>(hist);
+      } else {
+        dsv4fn_hzero<NT, 1024, PACKED>(hist);
       }
+      __syncthreads();
+      if (r == 1) {
+        dsv4fn_hist_digit<NT, 2048, PACKED>(vals, n, prefix, mask, shift, hist);
+      } else {
+        dsv4fn_hist_digit<NT, 1024, PACKED>(vals, n, prefix, mask, shift, hist);
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    if (tid < 32) {  // warp 0: lane l owns bins 255-8l ... 248-8l (descending order)
-      int c[8];
-      int s = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        c[j] = hist[255 - 8 * tid - j];
-        s += c[j];
-      }
-      int incl = s;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (tid >= o) incl += v;
-      }
-      const int excl = incl - s;
-      const unsigned owner = __ballot_sync(0xffffffffu, excl < need && need <= incl);
-      if (tid == __ffs(owner) - 1) {
-        int acc = excl, bin = -1, acc_bin = 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (bin < 0 && acc + c[j] >= need) {
-            bin = 255 - 8 * tid - j;
-            acc_bin = acc;
-          }
-          acc += c[j];
-        }
-        misc[0] = bin;
-        misc[1] = acc_bin;  // keys above this bin (within the prefix)
-      }
+    if (r == 2) {
+      dsv4fn_find_bin<NT, 1024, PACKED>(hist, need, misc + 4, misc);
+    } else {
+      dsv4fn_find_bin<NT, 2048, PACKED>(hist, need, misc + 4, misc);
     }
-    __syncthreads();
-    need -= misc[1];
-    prefix |= static_cast<unsigned>(misc[0]) << shift;
-    mask |= 255u << shift;
-    __syncthreads();
+    const int bin = misc[0], higher = misc[1], cnt = misc[2];
+    need -= higher;
+    prefix |= static_cast<unsigned>(bin) << shift;
+    mask |= (bins - 1u) << shift;
+    __syncthreads();  // misc is read by every thread before it is written again
+    if (r < 2 && cnt == need && prefix != 0u) {  // the whole bin is in: every key >= prefix, no ties
+      thr = prefix - 1u;
+      above = k;
+      return;
+    }
   }
   thr = prefix;
   above = k - need;
@@ -159,12 +237,12 @@ __device__ __forceinline__ void dsv4fn_scan2(int a, int b, int* scratch, int& ea
 }
 // The k largest of vals[0..n): every key above the k-th, then the first (k - above) equal to it in
 // the order (thread, then i / NT). Writes out_v[r] = value, out_i[r] = pos[i] (or base + i) for r < k.
-template <int NT>
+template <int NT, bool PACKED>
 __device__ __forceinline__ void dsv4fn_block_topk(const float* vals, const int* pos, int base, int n, int k,
-                                                  int* hist, int* misc, float* out_v, int* out_i) {
+                                                  int* hist, int* misc, bool top_done, float* out_v, int* out_i) {
   unsigned thr;
   int above;
-  dsv4fn_radix_kth<NT>(vals, n, k, hist, misc, thr, above);
+  dsv4fn_radix_kth<NT, PACKED>(vals, n, k, hist, misc, top_done, thr, above);
   const int tid = threadIdx.x;
   int cg = 0, ce = 0;
   for (int i = tid; i < n; i += NT) {
@@ -190,7 +268,8 @@ __device__ __forceinline__ void dsv4fn_block_topk(const float* vals, const int* 
   }
   __syncthreads();
 }
-// fused top-k, step 1: local top-k of one chunk (logits in shared memory) -> candidates
+// fused top-k, step 1: local top-k of one chunk (logits in shared memory, their first digit histogrammed in
+// `hist` by dsv4fn_hist_page) -> candidates
 __device__ __forceinline__ void dsv4fn_chunk_topk(const float* lg, int n, int k, int base, int* hist, int* misc,
                                                   float* cand_v, int* cand_i) {
   if (n <= k) {  // (uniform) a short chunk: every entry is a candidate, the rest is padding
@@ -200,7 +279,7 @@ __device__ __forceinline__ void dsv4fn_chunk_topk(const float* lg, int n, int k,
     }
     return;
   }
-  dsv4fn_block_topk<128>(lg, nullptr, base, n, k, hist, misc, cand_v, cand_i);
+  dsv4fn_block_topk<128, true>(lg, nullptr, base, n, k, hist, misc, true, cand_v, cand_i);
 }
 // fused top-k, step 2: per token, the top-k of its candidates -> cache slots (-1 padded) and length
 template <int NT>
@@ -225,7 +304,7 @@ __device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int
       out_row[j] = s;
     }
   } else {
-    dsv4fn_block_topk<NT>(cand_v, cand_i, 0, ncand, k, hist, misc, sel_v, sel_i);
+    dsv4fn_block_topk<NT, false>(cand_v, cand_i, 0, ncand, k, hist, misc, false, sel_v, sel_i);
     for (int r = tid; r < width; r += NT) {
       int s = -1;
       const int j = r < k ? sel_i[r] : -1;
@@ -237,6 +316,8 @@ __device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int
 }
 """
 )
+HIST_WORDS = 1024  # the chunk kernel's first-digit histogram: 2048 bins, two 16-bit counts per int
+MISC_WORDS = 4 + 32  # radix-select results + one int per warp (<= 1024 threads)
 
 
 def _geometry(cache: IndexerKeyCache, hi: int) -> tuple[int, int]:
@@ -251,11 +332,12 @@ def _geometry(cache: IndexerKeyCache, hi: int) -> tuple[int, int]:
     return p, di
 
 
-def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool, G: int = 1):
+def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool, G: int = 1, no_math: bool = False):
     """Macro: the TMA ring over pages `0..npg-1` of the run of `npp` pages of token `t` starting at page
     `cc * npp`, `G` pages a step (one ring slot, one wgmma of G*p rows); each page's logits go to `Dst[t,
     col]` (global, -inf past `vis`, nothing past `W`), or with `to_shared` to `Dst[it * G * p + j]` (a shared
-    [npp * p] buffer). Rows of a last step's missing pages hold stale bytes and are masked (-inf)."""
+    [npp * p] buffer). Rows of a last step's missing pages hold stale bytes and are masked (-inf). With `hist`
+    (shared, to_shared only) the first radix digit of the `npg * p` logits is counted into it as they land."""
     f32 = T.float32
     SOFF = p * di // 4  # fp32 offset of the scales in a page
     GP = G * p
@@ -269,7 +351,7 @@ def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool,
         T.barrier_arrive(full[slot])
 
     @T.macro
-    def page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, W, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, Dst):
+    def page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, W, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, Dst, hist=None):
         T.copy(Wt[t, :], w_f)
         T.sync_threads()  # pt_s
         nst = T.ceildiv(npg, G)
@@ -287,10 +369,14 @@ def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool,
                 if nxt < nst:  # refill the slot freed at the end of iteration it-1
                     fill(Kv, Ks, pt_s, K_s, sc_s, full, nxt, nxt % stages, npg)
             T.barrier_wait(full[st], (it // stages) % 2)
-            T.gemm(K_s[st, :, :], Q_s, S, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
-            for j, hh in T.Parallel(GP, hi):
-                S[j, hh] = T.max(S[j, hh], 0) * w_f[hh]
-            T.reduce_sum(S, lg, dim=1, clear=True)
+            if no_math:  # development probe (build_chunk_topk): the ring alone
+                for j in T.Parallel(GP):
+                    lg[j] = w_f[0]
+            else:
+                T.gemm(K_s[st, :, :], Q_s, S, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
+                for j, hh in T.Parallel(GP, hi):
+                    S[j, hh] = T.max(S[j, hh], 0) * w_f[hh]
+                T.reduce_sum(S, lg, dim=1, clear=True)
             if to_shared:
                 for j in T.Parallel(GP):
                     col = (cc * npp + it * G) * p + j
@@ -301,6 +387,11 @@ def _page_loop(hi: int, di: int, p: int, npp: int, stages: int, to_shared: bool,
                     if col < W:
                         Dst[t, col] = T.if_then_else(col < vis, lg[j] * sc_s[st, j], -T.infinity(f32))
             T.sync_threads()  # every thread is done with slot st before it is refilled
+            if hist is not None:  # the first radix digit of this step's logits (the top-k's first pass, overlapped)
+                T.call_extern(
+                    "handle", "dsv4fn_hist_page", T.address_of(Dst[it * GP]), T.min(GP, npg * p - it * GP),
+                    T.address_of(hist[0]),
+                )  # fmt: skip
 
     return page_loop
 
@@ -356,9 +447,12 @@ def build_logits(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: int
 
 def build_chunk_topk(
     hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_LARGE[0], stages: int = CHUNK_LARGE[1],
-    ctas: int = CHUNK_LARGE[2], G: int = CHUNK_LARGE[3],
+    ctas: int = CHUNK_LARGE[2], G: int = CHUNK_LARGE[3], probe: str = "",
 ):  # fmt: skip
-    """PrimFunc, fused top-k step 1: per (chunk of `cpg` pages, token) the local top-k candidates."""
+    """PrimFunc, fused top-k step 1: per (chunk of `cpg` pages, token) the local top-k candidates.
+
+    `probe` (development only, bench/tilelang_profile_dev.py; wrong results by design): "no_topk" leaves the
+    local selection out, "no_math" also the logits (the page loop only waits for its pages)."""
     f32, i32, fp8 = T.float32, T.int32, T.float8_e4m3fn
     NT_ = T.dynamic("tokens")
     NC = T.dynamic("chunks")
@@ -369,7 +463,7 @@ def build_chunk_topk(
     CH = cpg * p
     if not 1 <= topk <= CH:
         raise ValueError(f"topk: the fused TileLang top-k supports 1..{CH}, got {topk}")
-    page_loop = _page_loop(hi, di, p, cpg, stages, True, G)
+    page_loop = _page_loop(hi, di, p, cpg, stages, True, G, no_math="no_math" in probe)
 
     @T.prim_func
     def index_chunk_topk(
@@ -391,8 +485,8 @@ def build_chunk_topk(
             sc_s = T.alloc_shared([stages, G * p], f32)
             pt_s = T.alloc_shared([cpg], i32)
             lg_s = T.alloc_shared([CH], f32)
-            hist = T.alloc_shared([256], i32)
-            misc = T.alloc_shared([2], i32)
+            hist = T.alloc_shared([HIST_WORDS], i32)
+            misc = T.alloc_shared([MISC_WORDS], i32)
             full = T.alloc_barrier([32] * stages)
             qbar = T.alloc_barrier(32)
             w_f = T.alloc_fragment([hi], f32)
@@ -408,19 +502,32 @@ def build_chunk_topk(
                     pt_s[i] = T.min(T.max(PT[req, T.min(cc * cpg + i, MB - 1)], 0), NP - 1)
                 for i in T.Parallel(CH):
                     lg_s[i] = -T.infinity(f32)
-                page_loop(Q, Wt, Kv, Ks, t, cc, vis, npg, 0, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, lg_s)
-                T.sync_threads()
-                T.call_extern(
-                    "handle", "dsv4fn_chunk_topk", T.address_of(lg_s[0]), npg * p, topk, cc * CH,
-                    T.address_of(hist[0]), T.address_of(misc[0]), T.address_of(CandV[t, cc, 0]),
-                    T.address_of(CandI[t, cc, 0]),
+                for i in T.Parallel(HIST_WORDS):
+                    hist[i] = 0
+                page_loop(
+                    Q, Wt, Kv, Ks, t, cc, vis, npg, 0, pt_s, Q_s, K_s, sc_s, full, qbar, w_f, S, lg, tx, lg_s, hist
                 )  # fmt: skip
+                # the merge (launched with programmatic dependent launch) may start its prologue now
+                T.pdl_trigger()
+                T.sync_threads()
+                if "no_topk" in probe:
+                    if tx == 0:
+                        CandV[t, cc, 0] = lg_s[0]
+                else:
+                    T.call_extern(
+                        "handle", "dsv4fn_chunk_topk", T.address_of(lg_s[0]), npg * p, topk, cc * CH,
+                        T.address_of(hist[0]), T.address_of(misc[0]), T.address_of(CandV[t, cc, 0]),
+                        T.address_of(CandI[t, cc, 0]),
+                    )  # fmt: skip
 
     return index_chunk_topk
 
 
-def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = MERGE_THREADS):
-    """PrimFunc, fused top-k step 2: per token the top-k of its candidates -> slots, -1 padding, lengths."""
+def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = MERGE_THREADS, pdl: bool = True):
+    """PrimFunc, fused top-k step 2: per token the top-k of its candidates -> slots, -1 padding, lengths.
+
+    `pdl`: launched as a programmatic dependent of the chunk kernel (it waits in `griddepcontrol.wait` for the
+    chunk kernel's candidates instead of behind its launch)."""
     f32, i32 = T.float32, T.int32
     NT_ = T.dynamic("tokens")
     NC = T.dynamic("chunks")
@@ -441,8 +548,8 @@ def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = M
     ):
         with T.Kernel(NT_, threads=threads) as t:
             T.import_source(TOPK_DEVICE_SRC)
-            hist = T.alloc_shared([256], i32)
-            misc = T.alloc_shared([2], i32)
+            hist = T.alloc_shared([2048], i32)
+            misc = T.alloc_shared([MISC_WORDS], i32)
             sel_v = T.alloc_shared([topk], f32)
             sel_i = T.alloc_shared([topk], i32)
             stage_v = T.alloc_shared([MERGE_STAGE], f32)
@@ -450,6 +557,8 @@ def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = M
             vis = Vis[t]
             req = Req[t]
             ncand = T.min(T.ceildiv(vis, CH), NC) * topk
+            if pdl:
+                T.pdl_sync()
             T.call_extern(
                 "handle", f"dsv4fn_topk_merge<{threads}>", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]),
                 ncand, topk, vis, W, p, T.address_of(PT[req, 0]), MB, T.address_of(hist[0]), T.address_of(misc[0]),
@@ -468,14 +577,14 @@ def _logits_kernel(hi: int, di: int, p: int, ppc: int = PAGES_PER_CTA, stages: i
 @jit(pass_configs=PASS_CONFIGS)
 def _chunk_topk_kernel(
     hi: int, di: int, p: int, topk: int, cpg: int = CHUNK_LARGE[0], stages: int = CHUNK_LARGE[1],
-    ctas: int = CHUNK_LARGE[2], G: int = CHUNK_LARGE[3],
+    ctas: int = CHUNK_LARGE[2], G: int = CHUNK_LARGE[3], probe: str = "",
 ):  # fmt: skip
-    return build_chunk_topk(hi, di, p, topk, cpg, stages, ctas, G)
+    return build_chunk_topk(hi, di, p, topk, cpg, stages, ctas, G, probe)
 
 
 @jit(pass_configs=MERGE_PASS_CONFIGS)
-def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = MERGE_THREADS):
-    return build_topk_merge(topk, p, cpg, threads)
+def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = MERGE_THREADS, pdl: bool = True):
+    return build_topk_merge(topk, p, cpg, threads, pdl)
 
 
 def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int, int]:
@@ -562,7 +671,7 @@ def tl_index_topk_fused(
         _chunk_topk_kernel(hi, di, page_size, topk, cpg, stages, ctas, g),
         q8, weights, kv, ks, page_table, token_request, visible, cand_v, cand_i,
     )  # fmt: skip
-    merge = _topk_merge_kernel(topk, page_size, cpg, MERGE_THREADS)
+    merge = _topk_merge_kernel(topk, page_size, cpg, MERGE_THREADS, MERGE_PDL)
     launch(merge, cand_v, cand_i, page_table, token_request, visible, out, lens)
     return out, lens
 
