@@ -50,6 +50,7 @@ THREADS = 128
 # 16.7 us at t=32 x 16k keys and from 31.6 to 22.9 at t=32 x 64k (512: 17.1, 24.8); the tie order changes with it
 MERGE_THREADS = 1024
 MERGE_PDL = True  # the merge is a programmatic dependent launch of the chunk kernel (read per call; bench knob)
+MERGE_PT_STAGE = 1024  # page-table entries per row the merge stages in shared memory (64k keys of page 64)
 MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); more are read from global/L2
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
@@ -75,6 +76,39 @@ __device__ __forceinline__ unsigned dsv4fn_okey(float x) {  // order-preserving:
   const unsigned u = __float_as_uint(x);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+__device__ __forceinline__ float dsv4fn_okey_inv(unsigned key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+// Where a block top-k reads its n keys: element i belongs to thread i % NT (its (i / NT)-th), in both sources.
+template <int NT>
+struct dsv4fn_keys_mem {  // values in memory, read (and keyed) again by every pass
+  const float* vals;
+  int n;
+  template <class F>
+  __device__ __forceinline__ void each(F f) const {
+    for (int i = threadIdx.x; i < n; i += NT) f(dsv4fn_okey(vals[i]), i);
+  }
+};
+template <int NT, int PER>
+struct dsv4fn_keys_reg {  // n <= NT * PER values keyed once into registers: the passes make no loads
+  unsigned key[PER];
+  int n;
+  __device__ __forceinline__ dsv4fn_keys_reg(const float* vals, int n_) : n(n_) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = threadIdx.x + NT * j;
+      key[j] = i < n ? dsv4fn_okey(vals[i]) : 0u;
+    }
+  }
+  template <class F>
+  __device__ __forceinline__ void each(F f) const {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = threadIdx.x + NT * j;
+      if (i < n) f(key[j], i);
+    }
+  }
+};
 template <bool PACKED>
 __device__ __forceinline__ int dsv4fn_hget(const int* h, int b) {
   if (PACKED) return (reinterpret_cast<const unsigned*>(h)[b >> 1] >> ((b & 1) << 4)) & 0xffffu;
@@ -96,19 +130,25 @@ __device__ __forceinline__ void dsv4fn_hzero(int* h) {
 __device__ __forceinline__ void dsv4fn_hist_page(const float* vals, int cnt, int* h) {
   for (int i = threadIdx.x; i < cnt; i += 128) dsv4fn_hadd<true>(h, dsv4fn_okey(vals[i]) >> 21, 1);
 }
+// Sum of tot[0..warp) (one int per warp in shared memory), in every lane: one load and a shuffle tree, not a
+// loop of `warp` dependent loads (up to 31 with 1024 threads).
+__device__ __forceinline__ int dsv4fn_warps_before(const int* tot, int warp, int lane) {
+  int v = lane < warp ? tot[lane] : 0;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 // Histogram of digit (key >> shift) & (BINS - 1) over the keys with (key & mask) == prefix.
-template <int NT, int BINS, bool PACKED>
-__device__ __forceinline__ void dsv4fn_hist_digit(const float* vals, int n, unsigned prefix, unsigned mask, int shift,
-                                                  int* h) {
-  for (int i = threadIdx.x; i < n; i += NT) {
-    const unsigned key = dsv4fn_okey(vals[i]);
+template <int NT, int BINS, bool PACKED, class Keys>
+__device__ __forceinline__ void dsv4fn_hist_digit(const Keys& keys, unsigned prefix, unsigned mask, int shift, int* h) {
+  keys.each([&](unsigned key, int) {
     if ((key & mask) == prefix) {
       // warp-aggregated: close logits share bins, so plain shared atomics would serialise lanes on one bin
       const int bin = static_cast<int>((key >> shift) & (BINS - 1));
       const unsigned peers = __match_any_sync(__activemask(), bin);
       if ((threadIdx.x & 31) == __ffs(peers) - 1) dsv4fn_hadd<PACKED>(h, bin, __popc(peers));
     }
-  }
+  });
 }
 // The bin holding the need-th largest key (bins scanned from the top): misc[0] = bin, misc[1] = keys in higher
 // bins, misc[2] = keys in the bin. Thread t owns bins BINS-1-t*BPT down to BINS-(t+1)*BPT; it sums them in an
@@ -139,7 +179,7 @@ __device__ __forceinline__ void dsv4fn_find_bin(const int* h, int need, int* scr
   }
   if (lane == 31) scratch[warp] = incl;
   __syncthreads();
-  for (int w = 0; w < warp; ++w) incl += scratch[w];
+  incl += dsv4fn_warps_before(scratch, warp, lane);
   const int excl = incl - s;
   if (excl < need && need <= incl) {
     int acc = excl;
@@ -160,13 +200,13 @@ __device__ __forceinline__ void dsv4fn_find_bin(const int* h, int need, int* scr
 // Key `thr` and `above` such that the k largest of vals[0..n) (1 <= k <= n) are every key > thr, then the
 // first (k - above) keys == thr. hist: 2048 bins; `top_done`: it already holds the first digit of all n keys.
 // misc: 4 + NT / 32 ints.
-template <int NT, bool PACKED>
-__device__ __forceinline__ void dsv4fn_radix_kth(const float* vals, int n, int k, int* hist, int* misc, bool top_done,
+template <int NT, bool PACKED, class Keys>
+__device__ __forceinline__ void dsv4fn_radix_kth(const Keys& keys, int k, int* hist, int* misc, bool top_done,
                                                  unsigned& thr, int& above) {
   if (!top_done) {
     dsv4fn_hzero<NT, 2048, PACKED>(hist);
     __syncthreads();
-    dsv4fn_hist_digit<NT, 2048, PACKED>(vals, n, 0u, 0u, 21, hist);
+    dsv4fn_hist_digit<NT, 2048, PACKED>(keys, 0u, 0u, 21, hist);
     __syncthreads();
   }
   unsigned prefix = 0u, mask = 0u;
@@ -183,9 +223,9 @@ __device__ __forceinline__ void dsv4fn_radix_kth(const float* vals, int n, int k
       }
       __syncthreads();
       if (r == 1) {
-        dsv4fn_hist_digit<NT, 2048, PACKED>(vals, n, prefix, mask, shift, hist);
+        dsv4fn_hist_digit<NT, 2048, PACKED>(keys, prefix, mask, shift, hist);
       } else {
-        dsv4fn_hist_digit<NT, 1024, PACKED>(vals, n, prefix, mask, shift, hist);
+        dsv4fn_hist_digit<NT, 1024, PACKED>(keys, prefix, mask, shift, hist);
       }
       __syncthreads();
     }
@@ -226,35 +266,26 @@ __device__ __forceinline__ void dsv4fn_scan2(int a, int b, int* scratch, int& ea
     scratch[NT / 32 + warp] = ib;
   }
   __syncthreads();
-  int wa = 0, wb = 0;
-  for (int w = 0; w < warp; ++w) {
-    wa += scratch[w];
-    wb += scratch[NT / 32 + w];
-  }
-  ea = wa + ia - a;
-  eb = wb + ib - b;
+  ea = dsv4fn_warps_before(scratch, warp, lane) + ia - a;
+  eb = dsv4fn_warps_before(scratch + NT / 32, warp, lane) + ib - b;
   __syncthreads();
 }
-// The k largest of vals[0..n): every key above the k-th, then the first (k - above) equal to it in
-// the order (thread, then i / NT). Writes out_v[r] = value, out_i[r] = pos[i] (or base + i) for r < k.
-template <int NT, bool PACKED>
-__device__ __forceinline__ void dsv4fn_block_topk(const float* vals, const int* pos, int base, int n, int k,
-                                                  int* hist, int* misc, bool top_done, float* out_v, int* out_i) {
+// The k largest of the n keys: every key above the k-th, then the first (k - above) equal to it in the order
+// (thread, then i / NT). Writes out_v[r] = value, out_i[r] = pos[i] (or base + i) for r < k.
+template <int NT, bool PACKED, class Keys>
+__device__ __forceinline__ void dsv4fn_block_topk(const Keys& keys, const int* pos, int base, int k, int* hist,
+                                                  int* misc, bool top_done, float* out_v, int* out_i) {
   unsigned thr;
   int above;
-  dsv4fn_radix_kth<NT, PACKED>(vals, n, k, hist, misc, top_done, thr, above);
-  const int tid = threadIdx.x;
+  dsv4fn_radix_kth<NT, PACKED>(keys, k, hist, misc, top_done, thr, above);
   int cg = 0, ce = 0;
-  for (int i = tid; i < n; i += NT) {
-    const unsigned key = dsv4fn_okey(vals[i]);
+  keys.each([&](unsigned key, int) {
     cg += key > thr;
     ce += key == thr;
-  }
+  });
   int og, oe;
   dsv4fn_scan2<NT>(cg, ce, hist, og, oe);
-  for (int i = tid; i < n; i += NT) {
-    const float v = vals[i];
-    const unsigned key = dsv4fn_okey(v);
+  keys.each([&](unsigned key, int i) {
     int r = -1;
     if (key > thr) {
       r = og++;
@@ -262,14 +293,15 @@ __device__ __forceinline__ void dsv4fn_block_topk(const float* vals, const int* 
       r = above + oe++;
     }
     if (r >= 0 && r < k) {
-      out_v[r] = v;
+      out_v[r] = dsv4fn_okey_inv(key);
       out_i[r] = pos ? pos[i] : base + i;
     }
-  }
+  });
   __syncthreads();
 }
 // fused top-k, step 1: local top-k of one chunk (logits in shared memory, their first digit histogrammed in
 // `hist` by dsv4fn_hist_page) -> candidates
+template <int CH>
 __device__ __forceinline__ void dsv4fn_chunk_topk(const float* lg, int n, int k, int base, int* hist, int* misc,
                                                   float* cand_v, int* cand_i) {
   if (n <= k) {  // (uniform) a short chunk: every entry is a candidate, the rest is padding
@@ -279,14 +311,17 @@ __device__ __forceinline__ void dsv4fn_chunk_topk(const float* lg, int n, int k,
     }
     return;
   }
-  dsv4fn_block_topk<128, true>(lg, nullptr, base, n, k, hist, misc, true, cand_v, cand_i);
+  const dsv4fn_keys_reg<128, CH / 128> keys(lg, n);  // the chunk's keys in registers (n <= CH)
+  dsv4fn_block_topk<128, true>(keys, nullptr, base, k, hist, misc, true, cand_v, cand_i);
 }
 // fused top-k, step 2: per token, the top-k of its candidates -> cache slots (-1 padded) and length
 template <int NT>
 __device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int* cand_i, int ncand, int k,
                                                   int vis, int width, int page, const int* pt_row, int max_blocks,
                                                   int* hist, int* misc, float* sel_v, int* sel_i, int* out_row,
-                                                  int* len, float* stage_v, int* stage_i, int stage_cap) {
+                                                  int* len, float* stage_v, int* stage_i, int stage_cap,
+                                                  const int* pt_s, int pt_cap) {
+  // pt_s: the first pt_cap page-table entries of the row, staged in shared memory before the PDL wait
   const int tid = threadIdx.x;
   if (vis > k && ncand <= stage_cap) {  // stage the candidates in shared memory: 5 passes read them
     for (int i = tid; i < ncand; i += NT) {
@@ -300,15 +335,22 @@ __device__ __forceinline__ void dsv4fn_topk_merge(const float* cand_v, const int
   if (vis <= k) {  // every visible entry, in order
     for (int j = tid; j < width; j += NT) {
       int s = -1;
-      if (j < vis) s = pt_row[min(j / page, max_blocks - 1)] * page + j % page;
+      if (j < vis) {
+        const int pg = min(j / page, max_blocks - 1);
+        s = (pg < pt_cap ? pt_s[pg] : pt_row[pg]) * page + j % page;
+      }
       out_row[j] = s;
     }
   } else {
-    dsv4fn_block_topk<NT, false>(cand_v, cand_i, 0, ncand, k, hist, misc, false, sel_v, sel_i);
+    const dsv4fn_keys_mem<NT> keys{cand_v, ncand};
+    dsv4fn_block_topk<NT, false>(keys, cand_i, 0, k, hist, misc, false, sel_v, sel_i);
     for (int r = tid; r < width; r += NT) {
       int s = -1;
       const int j = r < k ? sel_i[r] : -1;
-      if (j >= 0) s = pt_row[min(j / page, max_blocks - 1)] * page + j % page;
+      if (j >= 0) {
+        const int pg = min(j / page, max_blocks - 1);
+        s = (pg < pt_cap ? pt_s[pg] : pt_row[pg]) * page + j % page;
+      }
       out_row[r] = s;
     }
   }
@@ -515,7 +557,7 @@ def build_chunk_topk(
                         CandV[t, cc, 0] = lg_s[0]
                 else:
                     T.call_extern(
-                        "handle", "dsv4fn_chunk_topk", T.address_of(lg_s[0]), npg * p, topk, cc * CH,
+                        "handle", f"dsv4fn_chunk_topk<{CH}>", T.address_of(lg_s[0]), npg * p, topk, cc * CH,
                         T.address_of(hist[0]), T.address_of(misc[0]), T.address_of(CandV[t, cc, 0]),
                         T.address_of(CandI[t, cc, 0]),
                     )  # fmt: skip
@@ -557,13 +599,18 @@ def build_topk_merge(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int = M
             vis = Vis[t]
             req = Req[t]
             ncand = T.min(T.ceildiv(vis, CH), NC) * topk
-            if pdl:
+            pt_s = T.alloc_shared([MERGE_PT_STAGE], i32)
+            for i in T.Parallel(MERGE_PT_STAGE):
+                pt_s[i] = T.if_then_else(i < MB, PT[req, T.min(i, MB - 1)], 0)
+            T.sync_threads()
+            if pdl:  # everything above reads only inputs: it overlaps the chunk kernel's last CTAs
                 T.pdl_sync()
             T.call_extern(
                 "handle", f"dsv4fn_topk_merge<{threads}>", T.address_of(CandV[t, 0, 0]), T.address_of(CandI[t, 0, 0]),
                 ncand, topk, vis, W, p, T.address_of(PT[req, 0]), MB, T.address_of(hist[0]), T.address_of(misc[0]),
                 T.address_of(sel_v[0]), T.address_of(sel_i[0]), T.address_of(Out[t, 0]), T.address_of(Lens[t]),
-                T.address_of(stage_v[0]), T.address_of(stage_i[0]), MERGE_STAGE,
+                T.address_of(stage_v[0]), T.address_of(stage_i[0]), MERGE_STAGE, T.address_of(pt_s[0]),
+                T.min(MB, MERGE_PT_STAGE),
             )  # fmt: skip
 
     return index_topk_merge
