@@ -51,11 +51,13 @@ def attn_scan(*impls: str) -> None:
 
 
 PROBES = ("", "no_qk", "no_pv", "no_softmax", "no_dq", "no_qk,no_pv", "no_qk,no_pv,no_softmax", "no_dq,no_qk,no_pv")
+PROBES = (*PROBES, "no_cvt", "no_sts", "no_cvt,no_sts")
 
 
-def attn_probe() -> None:
+def attn_probe(*which: str) -> None:
     """The ws kernel with stages left out (wrong results, timing only): which stage bounds a block."""
-    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr) for pr in PROBES])
+    probes = [p if p != "full" else "" for p in which] or PROBES
+    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr) for pr in probes])
     print("attention ws, direct (1 split), window 128 + 512; stages left out; graphflush us")
     for b in (128, 256):
         q, c1, i1, l1, kw = _attn_case(b, 512)
@@ -64,7 +66,7 @@ def attn_probe() -> None:
         o = torch.empty_like(q)
         lse = torch.empty((b, 64, 1), dtype=torch.float32, device="cuda")
         line = [f"b={b}"]
-        for pr in PROBES:
+        for pr in probes:
             k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr)
             args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
             t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
@@ -250,7 +252,7 @@ def run_fused(t_: int, n: int) -> None:
 
 def main() -> None:
     cmd = sys.argv[1]
-    args = sys.argv[2:] if cmd == "attn-scan" else [int(a) for a in sys.argv[2:]]
+    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe") else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe})

@@ -140,6 +140,23 @@ __device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* ou
 __device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
   dsv4fn_dq16_impl<true>(raw, sbyte, out);
 }
+// development probes (build_attend_ws probe="no_cvt" / "no_sts"; wrong results by design)
+__device__ __forceinline__ void dsv4fn_dq16_nocvt(const void* raw_, int sbyte, void* out_) {
+  const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
+  unsigned* out = reinterpret_cast<unsigned*>(out_);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = raw[i];
+    out[2 * i + 1] = raw[i] ^ static_cast<unsigned>(sbyte);
+  }
+}
+__device__ __forceinline__ int dsv4fn_fold8(const void* v_) {
+  const unsigned* v = reinterpret_cast<const unsigned*>(v_);
+  unsigned x = 0u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x ^= v[i];
+  return static_cast<int>(x);
+}
 // 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
 __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
@@ -210,7 +227,8 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
 def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: str = ""):
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64). `probe`
     (development only, wrong results): comma list of stages left out, to time the rest (bench/
-    tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax."""
+    tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
+    no_sts (converted, not stored)."""
     probes = set(filter(None, probe.split(",")))
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
@@ -283,14 +301,20 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
 
     def make_dequant_store(fn: str):
         """Macro: dequantize this thread's key r from registers into K_s[st] with the extern `fn`."""
+        if "no_cvt" in probes:
+            fn = "dsv4fn_dq16_nocvt"
 
         @T.macro
         def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s):
             for t in T.unroll(NT):
                 T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
                               T.address_of(outb[0]))  # fmt: skip
-                for v in T.vectorized(16):
-                    K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
+                if "no_sts" in probes:  # the values stay live (folded into one word), the K tile is not written
+                    if c == 0:
+                        valid_s[st, tok0 + 32 * r] = T.call_extern("int32", "dsv4fn_fold8", T.address_of(outb[0]))
+                else:
+                    for v in T.vectorized(16):
+                        K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
             for t in T.unroll(2):
                 for v in T.vectorized(8):
                     K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
