@@ -261,6 +261,18 @@ def test_index_topk_fused_matches_reference_sets(t, n_keys, topk, tiling, monkey
     _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_len)
 
 
+def test_index_topk_fused_unstaged_merge(monkeypatch):
+    """256k keys in 2048-key chunks: 65536 candidates a row, more than the merge stages in shared memory (it reads
+    them from global memory)."""
+    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", idx.CHUNK_SMALL)
+    n_keys = 262144
+    assert -(-n_keys // (idx.CHUNK_SMALL[0] * 64)) * 512 > idx.MERGE_STAGE
+    q8, w, cache, pt, req, vis = _indexer_inputs(2, n_keys, seed=9)
+    vis[1] = n_keys - 1000
+    g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, 512, 576, max_visible=n_keys)
+    _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, 512, 576, g_idx, g_len)
+
+
 @pytest.mark.parametrize("tiling", ["small", "large"])
 def test_index_topk_fused_heavy_ties(tiling, monkeypatch):
     """Every row's pages are drawn from three pages, so each logit value repeats ~n/192 times: the k-th is

@@ -25,7 +25,7 @@ never read. Several CTAs share an SM (`annotate_min_blocks_per_sm`), so 10+ page
      (logit, position) candidates. Tokens with `visible <= topk` and chunks past `visible` do nothing.
   2. `topk_merge`: per token (one CTA of MERGE_THREADS threads) the same radix select over its
      ceil(visible / chunk) * k candidates (the union of the local top-k sets holds the global top-k set;
-     staged in shared memory up to 8192), then cache slots, -1 padding and lengths; rows with
+     staged in shared memory up to MERGE_STAGE), then cache slots, -1 padding and lengths; rows with
      `visible <= topk` take every entry in order. It is a programmatic dependent launch (PDL) of step 1:
      its launch overlaps the chunk kernel's last CTAs, and it waits for their candidates in
      `griddepcontrol.wait`.
