@@ -136,7 +136,8 @@ def test_indexer_logits_lowers():
 def test_indexer_fused_topk_lowers(topk, tiling):
     cpg, stages, ctas, g = idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE
     src = _lower(idx.build_chunk_topk(64, 128, 64, topk, cpg, stages, ctas, g), idx.PASS_CONFIGS)
-    assert "index_chunk_topk_kernel" in src and "dsv4fn_chunk_topk(" in _body(src)
+    assert "index_chunk_topk_kernel" in src and f"dsv4fn_chunk_topk<{cpg * 64}>(" in _body(src)
+    assert "dsv4fn_hist_page(" in _body(src)  # the first radix digit, counted in the page loop
     assert "tma_load(Kv_desc" in src and f"__launch_bounds__(128, {ctas})" in src
     src = _lower(idx.build_topk_merge(topk, 64, cpg), idx.MERGE_PASS_CONFIGS)
     nt = idx.MERGE_THREADS
