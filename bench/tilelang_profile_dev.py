@@ -103,6 +103,16 @@ def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
     return full, chunk, merge
 
 
+def _fused_ok(q8, w, cache, pt, req, vis, n) -> str:
+    """The full fused op (current knobs) against the reference top-512 sets: "ok" or "FAIL"."""
+    try:
+        g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
+        gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, TOPK, TOPK, g_idx, g_len)
+    except AssertionError:
+        return "FAIL"
+    return "ok"
+
+
 def merge_sweep() -> None:
     """The fused top-k's merge kernel alone at 256 / 512 / 1024 threads per token (candidates from the tiling
     `chunk_tiling` picks), checked against the reference sets through the full op."""
@@ -118,12 +128,7 @@ def merge_sweep() -> None:
         line = [f"t={t_} keys={n} tiling {tiling}"]
         for nt in threads:
             idx.MERGE_THREADS = nt
-            try:
-                g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
-                gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, TOPK, TOPK, g_idx, g_len)
-                ok = "ok"
-            except AssertionError:
-                ok = "FAIL"
+            ok = _fused_ok(q8, w, cache, pt, req, vis, n)
             chunk()
             out = torch.empty((t_, TOPK), dtype=torch.int32, device="cuda")
             lens = torch.empty((t_,), dtype=torch.int32, device="cuda")
@@ -201,12 +206,7 @@ def pdl_probe() -> None:
         line = [f"t={t_} keys={n} tiling {tiling} floor {t_ * n * 132 / HBM * 1e6:.1f}"]
         for pd in (False, True):
             idx.MERGE_PDL = pd
-            try:
-                g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n)
-                gpu_tests._check_topk_sets(q8, w, cache, pt, req, vis, n, TOPK, TOPK, g_idx, g_len)
-                ok = "ok"
-            except AssertionError:
-                ok = "FAIL"
+            ok = _fused_ok(q8, w, cache, pt, req, vis, n)
             t_f = graphflush_us(
                 lambda: idx.index_topk_fused(q8, w, cache, pt, req, vis, TOPK, TOPK, max_visible=n), rep_ms=20
             )
