@@ -26,7 +26,7 @@ from dsv4fn.attend.reference import sparse_attention as ref_attention
 HBM = 3.0e12
 TOPK = 512
 # (pages per chunk, stages, CTAs per SM, pages per step) of the fused top-k's chunk kernel
-TILINGS = [(32, 4, 4, 1), (32, 2, 4, 2), (32, 3, 3, 2), (64, 8, 2, 1), (64, 4, 2, 2), (64, 2, 2, 4)]
+TILINGS = [(32, 4, 4, 1), (32, 2, 4, 2), (64, 2, 2, 4), (64, 3, 4, 1), (64, 2, 5, 1)]
 FUSED_CASES = [(32, 16384), (32, 65536), (128, 16384)]
 
 
@@ -123,7 +123,7 @@ def merge_sweep() -> None:
     for t_, n in FUSED_CASES:
         q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
         vis.fill_(n)
-        tiling = idx.chunk_tiling(TOPK, n, 64)
+        tiling = idx.chunk_tiling(TOPK, n, 64, t_)
         _, chunk, _ = _fused_parts(q8, w, cache, pt, req, vis, n, tiling)
         line = [f"t={t_} keys={n} tiling {tiling}"]
         for nt in threads:
@@ -147,9 +147,11 @@ def merge_sweep() -> None:
         print(" | ".join(line), flush=True)
 
 
-def fused_sweep() -> None:
-    jobs = [lambda tl=tl: idx._chunk_topk_kernel(64, 128, 64, TOPK, *tl) for tl in TILINGS]
-    jobs += [lambda c=c: idx._topk_merge_kernel(TOPK, 64, c) for c in sorted({tl[0] for tl in TILINGS})]
+def fused_sweep(*which: str) -> None:
+    """Chunk tilings ("64,3,4,1" ...; default TILINGS) at FUSED_CASES: the full op, the chunk and merge kernels."""
+    tilings = [tuple(int(x) for x in w.split(",")) for w in which] or TILINGS
+    jobs = [lambda tl=tl: idx._chunk_topk_kernel(64, 128, 64, TOPK, *tl) for tl in tilings]
+    jobs += [lambda c=c: idx._topk_merge_kernel(TOPK, 64, c) for c in sorted({tl[0] for tl in tilings})]
     t0 = time.time()
     compat.precompile(jobs)
     print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s")
@@ -159,7 +161,7 @@ def fused_sweep() -> None:
         vis.fill_(n)
         floor = t_ * n * 132 / HBM * 1e6
         print(f"t={t_} keys={n} memory floor {floor:.1f} us", flush=True)
-        for tiling in TILINGS:
+        for tiling in tilings:
             full, chunk, merge = _fused_parts(q8, w, cache, pt, req, vis, n, tiling)
             try:
                 g_idx, g_len = full()
@@ -198,7 +200,7 @@ def pdl_probe() -> None:
     for t_, n in FUSED_CASES:
         q8, w, cache, pt, req, vis = gpu_tests._indexer_inputs(t_, n, seed=1)
         vis.fill_(n)
-        tiling = idx.chunk_tiling(TOPK, n, 64)
+        tiling = idx.chunk_tiling(TOPK, n, 64, t_)
         kv, ks = idx._cache_views(cache.data, 64, 128)
         chunks = -(-n // (64 * tiling[0]))
         cv = torch.empty((t_, chunks, TOPK), dtype=torch.float32, device="cuda")
@@ -252,7 +254,7 @@ def run_fused(t_: int, n: int) -> None:
 
 def main() -> None:
     cmd = sys.argv[1]
-    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe") else [int(a) for a in sys.argv[2:]]
+    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe", "fused-sweep") else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe})

@@ -147,10 +147,12 @@ def test_indexer_fused_topk_lowers(topk, tiling):
 
 def test_indexer_fused_tiling_and_auto_rule():
     """2048-key chunks while the merge stages all candidates in shared memory; "auto" fuses from 32 tokens."""
-    assert idx.chunk_tiling(512, 16384, 64) == idx.CHUNK_SMALL  # 8 chunks x 512 = 4096 candidates
-    assert idx.chunk_tiling(1024, 16384, 64) == idx.CHUNK_SMALL  # 8192: still staged
-    assert idx.chunk_tiling(512, 65536, 64) == idx.CHUNK_LARGE  # 32 small chunks would be 16384 candidates
-    assert idx.chunk_tiling(4096, 8192, 64) == idx.CHUNK_LARGE  # top-k above a small chunk
+    assert idx.chunk_tiling(512, 16384, 64, 32) == idx.CHUNK_SMALL  # 8 chunks x 512 = 4096 candidates
+    assert idx.chunk_tiling(1024, 16384, 64, 32) == idx.CHUNK_SMALL  # 8192: still staged
+    assert idx.chunk_tiling(512, 65536, 64, 32) == idx.CHUNK_LARGE  # 32 small chunks would be 16384 candidates
+    assert idx.chunk_tiling(4096, 8192, 64, 32) == idx.CHUNK_LARGE  # top-k above a small chunk
+    assert idx.chunk_tiling(512, 16384, 64, 96) == idx.CHUNK_SMALL  # 384 large chunks: under 3 x 132
+    assert idx.chunk_tiling(512, 16384, 64, 128) == idx.CHUNK_LARGE  # 512 large chunks fill 4 CTAs an SM
     assert idx.fused_is_fast(32, 64, 16384, 512, 64, 128) and idx.fused_is_fast(256, 64, 2048, 512, 64, 128)
     assert idx.fused_is_fast(32, 64, 65536, 512, 64, 128)  # 16 large chunks: 8192 candidates, staged
     assert not idx.fused_is_fast(16, 64, 16384, 512, 64, 128)  # too few tokens

@@ -44,7 +44,7 @@ PAGES_PER_CTA = 16  # index_logits: pages (of 64 keys) per CTA
 STAGES = 4  # pages in flight per CTA (TMA + mbarrier ring)
 MIN_CTAS_PER_SM = 4  # register cap 128/thread; shared memory allows ~5 CTAs of the logits kernel
 CHUNK_PAGES = 64  # fused top-k: the largest chunk (4096 keys; it bounds topk)
-CHUNK_CTAS_PER_SM = 2
+CHUNK_CTAS_PER_SM = 4
 THREADS = 128
 # threads per token of the fused top-k's merge (read per call). H100, top-512: 1024 take the merge from 19.8 to
 # 16.7 us at t=32 x 16k keys and from 31.6 to 22.9 at t=32 x 64k (512: 17.1, 24.8); the tie order changes with it
@@ -55,7 +55,8 @@ MERGE_STAGE = 8192  # candidates staged in shared memory by the merge (64 KB); m
 _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_logits (bench knob)
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
 # (and pages per step: one wgmma of G x 64 keys per ring slot)
-CHUNK_LARGE = (CHUNK_PAGES, 2, CHUNK_CTAS_PER_SM, 4)  # 4096 keys a chunk, 2 CTAs an SM, 4 pages a step
+CHUNK_LARGE = (CHUNK_PAGES, 3, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 4 CTAs an SM, 2 pages in flight
+LARGE_MIN_CTAS = 3 * 132  # chunk_tiling: 4096-key chunks from ~3 waves of one CTA per SM (H100 SXM: 132 SMs)
 CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
 FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
@@ -138,15 +139,20 @@ __device__ __forceinline__ int dsv4fn_warps_before(const int* tot, int warp, int
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-// Histogram of digit (key >> shift) & (BINS - 1) over the keys with (key & mask) == prefix.
-template <int NT, int BINS, bool PACKED, class Keys>
+// Histogram of digit (key >> shift) & (BINS - 1) over the keys with (key & mask) == prefix. AGG: warp-aggregated
+// atomics (__match_any_sync), for the first digit, where close logits share a few bins and plain shared atomics
+// would serialise lanes on one bin; the later digits see only the keys of one bin, spread over their bins.
+template <int NT, int BINS, bool PACKED, bool AGG, class Keys>
 __device__ __forceinline__ void dsv4fn_hist_digit(const Keys& keys, unsigned prefix, unsigned mask, int shift, int* h) {
   keys.each([&](unsigned key, int) {
     if ((key & mask) == prefix) {
-      // warp-aggregated: close logits share bins, so plain shared atomics would serialise lanes on one bin
       const int bin = static_cast<int>((key >> shift) & (BINS - 1));
-      const unsigned peers = __match_any_sync(__activemask(), bin);
-      if ((threadIdx.x & 31) == __ffs(peers) - 1) dsv4fn_hadd<PACKED>(h, bin, __popc(peers));
+      if (AGG) {
+        const unsigned peers = __match_any_sync(__activemask(), bin);
+        if ((threadIdx.x & 31) == __ffs(peers) - 1) dsv4fn_hadd<PACKED>(h, bin, __popc(peers));
+      } else {
+        dsv4fn_hadd<PACKED>(h, bin, 1);
+      }
     }
   });
 }
@@ -206,7 +212,7 @@ __device__ __forceinline__ void dsv4fn_radix_kth(const Keys& keys, int k, int* h
   if (!top_done) {
     dsv4fn_hzero<NT, 2048, PACKED>(hist);
     __syncthreads();
-    dsv4fn_hist_digit<NT, 2048, PACKED>(keys, 0u, 0u, 21, hist);
+    dsv4fn_hist_digit<NT, 2048, PACKED, true>(keys, 0u, 0u, 21, hist);
     __syncthreads();
   }
   unsigned prefix = 0u, mask = 0u;
@@ -223,9 +229,9 @@ __device__ __forceinline__ void dsv4fn_radix_kth(const Keys& keys, int k, int* h
       }
       __syncthreads();
       if (r == 1) {
-        dsv4fn_hist_digit<NT, 2048, PACKED>(keys, prefix, mask, shift, hist);
+        dsv4fn_hist_digit<NT, 2048, PACKED, false>(keys, prefix, mask, shift, hist);
       } else {
-        dsv4fn_hist_digit<NT, 1024, PACKED>(keys, prefix, mask, shift, hist);
+        dsv4fn_hist_digit<NT, 1024, PACKED, false>(keys, prefix, mask, shift, hist);
       }
       __syncthreads();
     }
@@ -634,17 +640,19 @@ def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int =
     return build_topk_merge(topk, p, cpg, threads, pdl)
 
 
-def chunk_tiling(topk: int, max_visible: int, page: int) -> tuple[int, int, int, int]:
-    """The chunk kernel's tiling: 2048-key chunks (twice the CTAs, 4 an SM) while the merge still stages every
-    candidate in shared memory (ceil(visible / 2048) * topk <= MERGE_STAGE), else 4096-key chunks (half the
-    candidates, 4 pages a step). H100, top-512 (bench/results/h100/tilelang_profile_2026-11-24_session4.txt):
-    2048-key chunks take t=32 x 16k keys from 73.9 to 65.2 us and t=128 x 16k from 167.7 to 153.0; at t=32 x
-    64k keys their 16384 candidates make the merge 4x slower (254.5 vs 184.1 us); 4 pages a step take the
-    4096-key chunks from 184.1 to 177.8 us there (1 or 2 pages a step: no difference for 2048-key chunks)."""
+def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[int, int, int, int]:
+    """The chunk kernel's tiling (host arithmetic on shapes only): 4096-key chunks (half the candidates, 4 CTAs
+    an SM) once they give `LARGE_MIN_CTAS` CTAs, else 2048-key chunks (twice the CTAs) while the merge still
+    stages every candidate in shared memory (ceil(visible / 2048) * topk <= MERGE_STAGE), else 4096-key chunks.
+    H100, top-512 (bench/results/h100/tilelang_profile_2026-11-25_session5.txt section 9): t=32 x 16k keys
+    (128 large chunks) 53.2 us small vs 66.5 large; t=128 x 16k (512) 136.4 vs 128.4; t=32 x 64k (512; small
+    chunks would be 16384 candidates) 153.7 vs 132.4 (the session-4 large tiling, 2 CTAs an SM and 4 pages a
+    step: 141.4)."""
     if FORCE_CHUNK_TILING is not None:
         return FORCE_CHUNK_TILING
+    large_ctas = tokens * -(-max_visible // (CHUNK_LARGE[0] * page))
     keys = CHUNK_SMALL[0] * page
-    if topk <= keys and -(-max_visible // keys) * topk <= MERGE_STAGE:
+    if large_ctas < LARGE_MIN_CTAS and topk <= keys and -(-max_visible // keys) * topk <= MERGE_STAGE:
         return CHUNK_SMALL
     return CHUNK_LARGE
 
@@ -654,7 +662,7 @@ def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: 
     (fewer leave the chunk grid too small to hide the top-k) and a merge staged in shared memory."""
     if page != 64 or dim != 128 or hi % 16 or not 16 <= hi <= 256 or t < 32 or topk > CHUNK_PAGES * page:
         return False
-    cpg = chunk_tiling(topk, max_visible, page)[0]
+    cpg = chunk_tiling(topk, max_visible, page, t)[0]
     return -(-max_visible // (cpg * page)) * topk <= MERGE_STAGE
 
 
@@ -710,7 +718,7 @@ def tl_index_topk_fused(
     lens = torch.empty((t,), dtype=torch.int32, device=dev)
     if t == 0:
         return out, lens
-    cpg, stages, ctas, g = chunk_tiling(topk, max_visible, page_size)
+    cpg, stages, ctas, g = chunk_tiling(topk, max_visible, page_size, t)
     chunks = max(1, -(-max_visible // (page_size * cpg)))
     cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
     cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
