@@ -45,10 +45,10 @@ def _kernels_compiled():
         lambda: attn._kernels("legacy", 64, 448, 64, 64, 64, 64, SCALE, True),
         lambda: idx._logits_kernel(64, 128, 64, *idx._LOGITS_TILING),
     ]
-    tilings = (idx.CHUNK_SMALL, idx.CHUNK_LARGE)
+    tilings = (idx.CHUNK_SMALL, idx.CHUNK_LARGE, idx.CHUNK_DEEP)
     jobs += [lambda k=k, c=c: idx._chunk_topk_kernel(64, 128, 64, k, *c) for k in (512, 1024) for c in tilings]
     nt = idx.MERGE_THREADS
-    jobs += [lambda k=k, c=c: idx._topk_merge_kernel(k, 64, c[0], nt) for k in (512, 1024) for c in tilings]
+    jobs += [lambda k=k, c=c: idx._topk_merge_kernel(k, 64, c, nt) for k in (512, 1024) for c in (32, 64)]
     compat.precompile(jobs)
 
 
@@ -224,6 +224,9 @@ def test_index_logits_matches_reference(t, n_keys):
     assert bool((err <= FP8_MMA_RTOL * scale + 1e-6).all()), (err.view(-1)[worst].item(), scale.max().item())
 
 
+_TILINGS = {"small": idx.CHUNK_SMALL, "large": idx.CHUNK_LARGE, "deep": idx.CHUNK_DEEP}
+
+
 def _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_len):
     logits = ref_logits(q8, w, cache, pt, req, vis, n_keys)
     e_idx, e_len = select_topk(logits, vis, topk, width, pt, req, cache.page_size)
@@ -250,11 +253,11 @@ def _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, topk, width, g_idx, g_l
 
 @pytest.mark.parametrize("topk", [512, 1024])
 @pytest.mark.parametrize(("t", "n_keys"), [(1, 4096), (32, 16384), (128, 8192)])
-@pytest.mark.parametrize("tiling", ["small", "large"])
+@pytest.mark.parametrize("tiling", ["small", "large", "deep"])
 def test_index_topk_fused_matches_reference_sets(t, n_keys, topk, tiling, monkeypatch):
-    """Chunks of 2048 (small) or 4096 (large) keys: 1 to 8 per token; rows with nothing visible, a short last
-    chunk, top-k + 1."""
-    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE)
+    """Chunks of 2048 (small) or 4096 keys (large: one page a step; deep: four): 1 to 8 per token; rows with
+    nothing visible, a short last chunk, top-k + 1."""
+    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", _TILINGS[tiling])
     q8, w, cache, pt, req, vis = _indexer_inputs(t, n_keys, seed=t + topk)
     width = topk + 64
     g_idx, g_len = idx.index_topk_fused(q8, w, cache, pt, req, vis, topk, width, max_visible=n_keys)
@@ -273,11 +276,11 @@ def test_index_topk_fused_unstaged_merge(monkeypatch):
     _check_topk_sets(q8, w, cache, pt, req, vis, n_keys, 512, 576, g_idx, g_len)
 
 
-@pytest.mark.parametrize("tiling", ["small", "large"])
+@pytest.mark.parametrize("tiling", ["small", "large", "deep"])
 def test_index_topk_fused_heavy_ties(tiling, monkeypatch):
     """Every row's pages are drawn from three pages, so each logit value repeats ~n/192 times: the k-th is
     tied many times over (the radix select's last digit and its tie order, never an early exit)."""
-    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE)
+    monkeypatch.setattr(idx, "FORCE_CHUNK_TILING", _TILINGS[tiling])
     q8, w, cache, pt, req, vis = _indexer_inputs(8, 16384, seed=5)
     g = torch.Generator(device="cuda").manual_seed(6)
     pick = torch.randint(0, 3, pt.shape, generator=g, device="cuda")

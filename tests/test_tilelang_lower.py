@@ -131,10 +131,10 @@ def test_indexer_logits_lowers():
     assert "kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, 64, 64, 32" in body
 
 
-@pytest.mark.parametrize("tiling", ["small", "large"])
+@pytest.mark.parametrize("tiling", ["small", "large", "deep"])
 @pytest.mark.parametrize("topk", [512, 1024], ids=["flash", "pro"])
 def test_indexer_fused_topk_lowers(topk, tiling):
-    cpg, stages, ctas, g = idx.CHUNK_SMALL if tiling == "small" else idx.CHUNK_LARGE
+    cpg, stages, ctas, g = {"small": idx.CHUNK_SMALL, "large": idx.CHUNK_LARGE, "deep": idx.CHUNK_DEEP}[tiling]
     src = _lower(idx.build_chunk_topk(64, 128, 64, topk, cpg, stages, ctas, g), idx.PASS_CONFIGS)
     assert "index_chunk_topk_kernel" in src and f"dsv4fn_chunk_topk<{cpg * 64}>(" in _body(src)
     assert "dsv4fn_hist_page(" in _body(src)  # the first radix digit, counted in the page loop
@@ -149,8 +149,9 @@ def test_indexer_fused_tiling_and_auto_rule():
     """2048-key chunks while the merge stages all candidates in shared memory; "auto" fuses from 32 tokens."""
     assert idx.chunk_tiling(512, 16384, 64, 32) == idx.CHUNK_SMALL  # 8 chunks x 512 = 4096 candidates
     assert idx.chunk_tiling(1024, 16384, 64, 32) == idx.CHUNK_SMALL  # 8192: still staged
-    assert idx.chunk_tiling(512, 65536, 64, 32) == idx.CHUNK_LARGE  # 32 small chunks would be 16384 candidates
-    assert idx.chunk_tiling(4096, 8192, 64, 32) == idx.CHUNK_LARGE  # top-k above a small chunk
+    assert idx.chunk_tiling(512, 65536, 64, 32) == idx.CHUNK_LARGE  # 512 large chunks fill 4 CTAs an SM
+    assert idx.chunk_tiling(512, 65536, 64, 1) == idx.CHUNK_DEEP  # 16 CTAs; small chunks: 16384 candidates
+    assert idx.chunk_tiling(4096, 8192, 64, 32) == idx.CHUNK_DEEP  # top-k above a small chunk, 64 CTAs
     assert idx.chunk_tiling(512, 16384, 64, 96) == idx.CHUNK_SMALL  # 384 large chunks: under 3 x 132
     assert idx.chunk_tiling(512, 16384, 64, 128) == idx.CHUNK_LARGE  # 512 large chunks fill 4 CTAs an SM
     assert idx.fused_is_fast(32, 64, 16384, 512, 64, 128) and idx.fused_is_fast(256, 64, 2048, 512, 64, 128)

@@ -56,6 +56,7 @@ _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_log
 # (pages per chunk, stages, CTAs per SM) of the fused top-k's chunk kernel: `chunk_tiling` picks one per call
 # (and pages per step: one wgmma of G x 64 keys per ring slot)
 CHUNK_LARGE = (CHUNK_PAGES, 3, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 4 CTAs an SM, 2 pages in flight
+CHUNK_DEEP = (CHUNK_PAGES, 2, 2, 4)  # 4096 keys a chunk, 2 CTAs an SM, 4 pages a step: few CTAs, more bytes each
 LARGE_MIN_CTAS = 3 * 132  # chunk_tiling: 4096-key chunks from ~3 waves of one CTA per SM (H100 SXM: 132 SMs)
 CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
 FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
@@ -641,20 +642,23 @@ def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int =
 
 
 def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[int, int, int, int]:
-    """The chunk kernel's tiling (host arithmetic on shapes only): 4096-key chunks (half the candidates, 4 CTAs
-    an SM) once they give `LARGE_MIN_CTAS` CTAs, else 2048-key chunks (twice the CTAs) while the merge still
-    stages every candidate in shared memory (ceil(visible / 2048) * topk <= MERGE_STAGE), else 4096-key chunks.
-    H100, top-512 (bench/results/h100/tilelang_profile_2026-11-25_session5.txt section 9): t=32 x 16k keys
-    (128 large chunks) 53.2 us small vs 66.5 large; t=128 x 16k (512) 136.4 vs 128.4; t=32 x 64k (512; small
-    chunks would be 16384 candidates) 153.7 vs 132.4 (the session-4 large tiling, 2 CTAs an SM and 4 pages a
-    step: 141.4)."""
+    """The chunk kernel's tiling (host arithmetic on shapes only). With n = tokens * ceil(max_visible / 4096)
+    CTAs of 4096-key chunks: CHUNK_LARGE (4 CTAs an SM) once n >= LARGE_MIN_CTAS; else 2048-key chunks
+    (CHUNK_SMALL, twice the CTAs) while the merge still stages every candidate in shared memory
+    (ceil(visible / 2048) * topk <= MERGE_STAGE); else CHUNK_DEEP (4096-key chunks, 4 pages a step: with few
+    CTAs each needs more bytes in flight). H100, top-512 (bench/results/h100/tilelang_profile_2026-11-25_
+    session5.txt sections 9-10): t=32 x 16k keys (n=128) small 53.2 us vs large 66.5; t=128 x 16k (n=512)
+    136.4 vs 128.4; t=32 x 64k (n=512; small chunks would be 16384 candidates) large 132.4 vs deep 141.4;
+    t=1 x 64k (n=16) deep 52.3 vs large 66.9."""
     if FORCE_CHUNK_TILING is not None:
         return FORCE_CHUNK_TILING
     large_ctas = tokens * -(-max_visible // (CHUNK_LARGE[0] * page))
+    if large_ctas >= LARGE_MIN_CTAS:
+        return CHUNK_LARGE
     keys = CHUNK_SMALL[0] * page
-    if large_ctas < LARGE_MIN_CTAS and topk <= keys and -(-max_visible // keys) * topk <= MERGE_STAGE:
+    if topk <= keys and -(-max_visible // keys) * topk <= MERGE_STAGE:
         return CHUNK_SMALL
-    return CHUNK_LARGE
+    return CHUNK_DEEP
 
 
 def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: int) -> bool:
