@@ -1,10 +1,12 @@
 """Dev sweep: the TileLang attention's KV-split count per batch against FlashMLA, one GPU.
 
-For V4-Flash decode at 64k (the harness's `attend` case), each batch is timed with the split heuristic
-(`choose_splits`) and with forced split counts around it (`dsv4fn.attend.tilelang.FORCE_SPLITS`), every
-variant checked against the reference first. Timer: `graphflush` (one call replayed from a CUDA graph, L2
-flushed before each replay). Usage: python -m bench.tilelang_splits_dev
+For V4-Flash (or V4-Pro) decode at 64k (the harness's `attend` case), each batch is timed with the split
+heuristic (`choose_splits`) and with forced split counts around it (`dsv4fn.attend.tilelang.FORCE_SPLITS`),
+every variant checked against the reference first. Timer: `graphflush` (one call replayed from a CUDA graph, L2
+flushed before each replay). Usage: python -m bench.tilelang_splits_dev [flash|pro]
 """
+
+import sys
 
 import torch
 
@@ -13,14 +15,19 @@ from bench.run import SETUPS
 from bench.timing import graphflush_us
 from dsv4fn.attend import tilelang as tla
 
-CANDIDATES = {1: (4, 6, 8, 10), 32: (2, 3, 4, 5, 6), 64: (1, 2, 3), 128: (1, 2, 3), 256: (1, 2)}
+CANDIDATES = {
+    "flash": {1: (4, 6, 8, 10), 32: (2, 3, 4, 5, 6), 64: (1, 2, 3), 128: (1, 2, 3), 256: (1, 2)},
+    # V4-Pro: 128 heads = two 64-head CTAs a row, 128 + 1024 keys (18 blocks)
+    "pro": {1: (4, 6, 9, 12, 16), 32: (1, 2, 3), 64: (1, 2)},
+}
 
 
 def main() -> None:
+    config = sys.argv[1] if len(sys.argv) > 1 else "flash"
     dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name()}; graphflush us; heuristic = choose_splits")
-    for b, cands in CANDIDATES.items():
-        bench = SETUPS["attend"](Case("attend", "flash", "decode", b, 65536), dev)
+    print(f"device {torch.cuda.get_device_name()}; V4-{config}; graphflush us; heuristic = choose_splits")
+    for b, cands in CANDIDATES[config].items():
+        bench = SETUPS["attend"](Case("attend", config, "decode", b, 65536), dev)
         run_peer, check_peer = bench.peers["flashmla"]()
         assert check_peer(run_peer())[0]
         peer = graphflush_us(run_peer, rep_ms=20)
