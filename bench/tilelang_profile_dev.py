@@ -228,12 +228,10 @@ def pdl_probe() -> None:
         line = [f"b={b} splits={attn.choose_splits(b, 1, 64, 128, 512, 'ws')}"]
         for pd in (False, True):
             attn.COMBINE_PDL = pd
-            attn._kernels.cache_clear()
             ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
             t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
             line.append(f"pdl={int(pd)}: {t:6.1f} {'ok' if ok is None else 'FAIL'}")
         attn.COMBINE_PDL = True
-        attn._kernels.cache_clear()
         print(" | ".join(line), flush=True)
 
 

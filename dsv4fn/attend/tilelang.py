@@ -192,13 +192,15 @@ WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
 
 @functools.cache
-def _kernels(impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool):
-    """Compiled (main, combine-or-None) kernels for one geometry."""
+def _kernels(
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
+):  # fmt: skip
+    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch)."""
     if impl == "ws":
         main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
-    comb = _combine_kernel(h, nope + rope, COMBINE_PDL) if split else None
+    comb = _combine_kernel(h, nope + rope, pdl) if split else None
     return main, comb
 
 
@@ -886,7 +888,9 @@ def tl_sparse_attention(
     b, s_q, h, d = q.shape
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
-    main, comb = _kernels(impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1)
+    main, comb = _kernels(
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL
+    )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
         w2, h2, st2 = _cache_views_ws(data2)
