@@ -146,7 +146,8 @@ def test_indexer_fused_topk_lowers(topk, tiling):
 
 
 def test_indexer_fused_tiling_and_auto_rule():
-    """2048-key chunks while the merge stages all candidates in shared memory; "auto" fuses from 32 tokens."""
+    """2048-key chunks while the merge stages all candidates in shared memory; "auto" fuses from one token, but
+    not over a deep-chunk grid of fewer than 32 CTAs."""
     assert idx.chunk_tiling(512, 16384, 64, 32) == idx.CHUNK_SMALL  # 8 chunks x 512 = 4096 candidates
     assert idx.chunk_tiling(1024, 16384, 64, 32) == idx.CHUNK_SMALL  # 8192: still staged
     assert idx.chunk_tiling(512, 65536, 64, 32) == idx.CHUNK_LARGE  # 512 large chunks fill 4 CTAs an SM
@@ -156,7 +157,9 @@ def test_indexer_fused_tiling_and_auto_rule():
     assert idx.chunk_tiling(512, 16384, 64, 128) == idx.CHUNK_LARGE  # 512 large chunks fill 4 CTAs an SM
     assert idx.fused_is_fast(32, 64, 16384, 512, 64, 128) and idx.fused_is_fast(256, 64, 2048, 512, 64, 128)
     assert idx.fused_is_fast(32, 64, 65536, 512, 64, 128)  # 16 large chunks: 8192 candidates, staged
-    assert not idx.fused_is_fast(16, 64, 16384, 512, 64, 128)  # too few tokens
+    assert idx.fused_is_fast(1, 64, 16384, 512, 64, 128) and idx.fused_is_fast(16, 64, 16384, 512, 64, 128)
+    assert not idx.fused_is_fast(1, 64, 65536, 512, 64, 128)  # 16 deep-chunk CTAs
+    assert idx.fused_is_fast(4, 64, 65536, 512, 64, 128)  # 64 deep-chunk CTAs
     assert not idx.fused_is_fast(64, 64, 262144, 512, 64, 128)  # 64 chunks: the merge reads global memory
     assert not idx.fused_is_fast(64, 64, 16384, 512, 32, 128)  # not TileLang's geometry
 

@@ -57,6 +57,7 @@ _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_log
 # (and pages per step: one wgmma of G x 64 keys per ring slot)
 CHUNK_LARGE = (CHUNK_PAGES, 3, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 4 CTAs an SM, 2 pages in flight
 CHUNK_DEEP = (CHUNK_PAGES, 2, 2, 4)  # 4096 keys a chunk, 2 CTAs an SM, 4 pages a step: few CTAs, more bytes each
+FUSED_MIN_DEEP_CTAS = 32  # fused_is_fast: below this many deep-chunk CTAs "auto" keeps logits + top-k
 LARGE_MIN_CTAS = 3 * 132  # chunk_tiling: 4096-key chunks from ~3 waves of one CTA per SM (H100 SXM: 132 SMs)
 CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
 FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
@@ -662,12 +663,18 @@ def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[i
 
 
 def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: int) -> bool:
-    """Whether "auto" takes the fused kernel over logits + top-k: TileLang's geometry, at least 32 query tokens
-    (fewer leave the chunk grid too small to hide the top-k) and a merge staged in shared memory."""
-    if page != 64 or dim != 128 or hi % 16 or not 16 <= hi <= 256 or t < 32 or topk > CHUNK_PAGES * page:
+    """Whether "auto" takes the fused kernel over logits + top-k: TileLang's geometry, a merge staged in shared
+    memory, and not a deep-chunk grid of fewer than FUSED_MIN_DEEP_CTAS CTAs. H100, top-512, against Triton
+    logits + Triton top-k (bench_2026-11-25_session5.txt, 8f0ecb4): the fused op wins at every batch 1-32 with
+    2k and 16k keys (t=1 x 16k: 39.3 vs 42.7 us) and from 4 tokens with 64k keys (t=4: 52.2 vs 60.4); one
+    token over 64k keys (16 deep-chunk CTAs) is slower (48.8 vs 45.4)."""
+    if page != 64 or dim != 128 or hi % 16 or not 16 <= hi <= 256 or t < 1 or topk > CHUNK_PAGES * page:
         return False
-    cpg = chunk_tiling(topk, max_visible, page, t)[0]
-    return -(-max_visible // (cpg * page)) * topk <= MERGE_STAGE
+    tiling = chunk_tiling(topk, max_visible, page, t)
+    chunks = -(-max_visible // (tiling[0] * page))
+    if tiling == CHUNK_DEEP and t * chunks < FUSED_MIN_DEEP_CTAS:
+        return False
+    return chunks * topk <= MERGE_STAGE
 
 
 def _cache_views(data: Tensor, p: int, di: int) -> tuple[Tensor, Tensor]:
