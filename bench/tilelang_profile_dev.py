@@ -6,6 +6,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev attn-probe     # attention ws: time with stages left out
     python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
+    python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -101,6 +102,31 @@ def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
         compat.launch(merge_k, cand_v, cand_i, pt, req, vis, out, lens)
 
     return full, chunk, merge
+
+
+WS_TILES = ((64, 2), (32, 3), (32, 4))
+
+
+def attn_tiles() -> None:
+    """The ws kernel with blocks of 32 or 64 keys on 2-4 K stages (direct path): checked, then timed."""
+    compat.precompile([lambda bs=bs: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", *bs) for bs in WS_TILES])
+    print("attention ws, direct (1 split), window 128 + 512; (keys a block, K stages); graphflush us")
+    for b in (64, 128, 256):
+        q, c1, i1, l1, kw = _attn_case(b, 512)
+        expect = ref_attention(q, c1, i1, l1, **kw)
+        w1, h1, st1 = attn._cache_views_ws(c1.data)
+        w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
+        line = [f"b={b}"]
+        for bs in WS_TILES:
+            k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", *bs)
+            o = torch.full_like(q, float("nan"))
+            lse = torch.full((b, 64, 1), float("nan"), dtype=torch.float32, device="cuda")
+            args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
+            compat.launch(k, *args)
+            ok = _backend.default_compare(expect, (o, lse))
+            t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
+            line.append(f"{bs}: {t:.1f} {'ok' if ok is None else 'FAIL ' + str(ok)[:60]}")
+        print("  ".join(line), flush=True)
 
 
 def _fused_ok(q8, w, cache, pt, req, vis, n) -> str:
@@ -255,7 +281,7 @@ def main() -> None:
     args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe", "fused-sweep") else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
-    cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe})
+    cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
     cmds[cmd](*args)
 
 

@@ -205,8 +205,10 @@ def _kernels(
 
 
 @jit(pass_configs=WS_PASS_CONFIGS)
-def _attend_ws_kernel(h: int, p1: int, p2: int, scale: float, split: bool, probe: str = ""):
-    return build_attend_ws(h, p1, p2, scale, split, probe)
+def _attend_ws_kernel(
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
+):  # fmt: skip
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -226,8 +228,11 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
-def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: str = ""):
-    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64). `probe`
+def build_attend_ws(
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
+):  # fmt: skip
+    """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
+    keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
     (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
     no_sts (converted, not stored)."""
@@ -235,7 +240,10 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
-    HB, BI = HEAD_BLOCK, BLOCK_I
+    HB, BI, KS = HEAD_BLOCK, bi, stages
+    R = BI // 32  # keys per producer thread and block
+    if BI not in (32, 64) or not 2 <= KS <= 4:
+        raise ValueError(f"ws attention: blocks of 32 or 64 keys on 2-4 stages, got {BI} x {KS}")
     NHB = (h + HB - 1) // HB
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
@@ -264,7 +272,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
     @T.macro
     def fetch_indices(Idx1, Idx2, b, sq, nb1, blk, tok0, ixn):
         # indices of this thread's two keys of block `blk` (main list first, then extra)
-        for r in T.unroll(2):
+        for r in T.unroll(R):
             if blk < nb1:
                 ixn[r] = Idx1[b, sq, T.min(blk * BI + tok0 + 32 * r, K1 - 1)]
             else:
@@ -336,25 +344,25 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
         tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
-        raw = T.alloc_local([2, NT, 4], i32)
-        rp = T.alloc_local([2, 2, 8], bf16)
-        sc = T.alloc_local([2, 2], i32)
-        ixn = T.alloc_local([2], i32)
-        ok = T.alloc_local([2], i32)
+        raw = T.alloc_local([R, NT, 4], i32)
+        rp = T.alloc_local([R, 2, 8], bf16)
+        sc = T.alloc_local([R, 2], i32)
+        ixn = T.alloc_local([R], i32)
+        ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
         # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
         # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
         if cnt > 0:
             fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
-            for r in T.unroll(2):
+            for r in T.unroll(R):
                 issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc)
             if cnt > 1:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
         for it in T.serial(cnt):
             blk = blk0 + it
-            st = it % 2
-            barrier_wait(k_free, st, ((it // 2) % 2) ^ 1)
-            for r in T.unroll(2):
+            st = it % KS
+            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
+            for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
                 if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
                     if c == 0:
@@ -382,8 +390,8 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
         for it in T.serial(cnt):
-            st = it % 2
-            barrier_wait(k_ready, st, (it // 2) % 2)
+            st = it % KS
+            barrier_wait(k_ready, st, (it // KS) % 2)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
             if "no_qk" not in probes:
@@ -419,7 +427,7 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
     def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha):
         T.fill(acc_o, 0)
         for it in T.serial(cnt):
-            st = it % 2
+            st = it % KS
             barrier_wait(s_ready, 0, it % 2)
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
@@ -452,13 +460,13 @@ def build_attend_ws(h: int, p1: int, p2: int, scale: float, split: bool, probe: 
         def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L):
             T.import_source(WS_DEVICE_SRC)
             Q_s = T.alloc_shared([HB, D], bf16)
-            K_s = T.alloc_shared([2, BI, D], bf16)
+            K_s = T.alloc_shared([KS, BI, D], bf16)
             S_s = T.alloc_shared([HB, BI], bf16)
-            valid_s = T.alloc_shared([2, BI], i32)
+            valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            k_ready = T.alloc_barrier([128, 128])
-            k_free = T.alloc_barrier([256, 256])
+            k_ready = T.alloc_barrier([128] * KS)
+            k_free = T.alloc_barrier([256] * KS)
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
             epi = T.alloc_barrier(128)
