@@ -55,6 +55,17 @@ def test_attention_ws_lowers(h, split):
     assert "__sync_thread_partial" not in body
 
 
+def test_attention_ws_block_variants_lower_and_bounds():
+    """The builder's development knobs (bench/tilelang_profile_dev.py attn-tiles): 32-key blocks on a 3-deep K
+    ring lower (QK^T at n=32, three ring barriers); other block sizes and depths are refused."""
+    body = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, "", 32, 3), attn.WS_PASS_CONFIGS))
+    assert "wgmma_ss<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32, 64, 32, 16" in body
+    assert "k_ready[2]" in body
+    for bi, stages in ((16, 2), (64, 5)):
+        with pytest.raises(ValueError, match="blocks of 32 or 64 keys"):
+            attn.build_attend_ws(64, 64, 64, SCALE, False, "", bi, stages)
+
+
 def test_attention_ws_register_budget():
     """setmaxnreg.inc waits for registers released by the other warpgroups: the three budgets must fit in
     what the CTA was launched with (168 per thread at 384 threads), or warpgroup 0 hangs."""
