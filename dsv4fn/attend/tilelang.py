@@ -228,6 +228,27 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
+def _online_softmax(HB: int, BI: int, sl2: float):
+    """Macro, both attention kernels: one block's online-softmax update in the log2 domain (sl2 = scale / ln 2)
+    over the scores acc_s [HB, BI]: m_i <- max(m_i, row max), alpha = 2^((m_prev - m_i) sl2), acc_s <- P =
+    2^((acc_s - m_i) sl2), sumexp <- sumexp alpha + row sum of P (sum_i: scratch)."""
+
+    @T.macro
+    def update(acc_s, m_i, m_prev, alpha, sumexp, sum_i):
+        T.copy(m_i, m_prev)
+        T.reduce_max(acc_s, m_i, dim=1, clear=False)
+        for i in T.Parallel(HB):
+            m_i[i] = T.max(m_i[i], m_prev[i])
+            alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
+        for i, j in T.Parallel(HB, BI):
+            acc_s[i, j] = T.exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
+        T.reduce_sum(acc_s, sum_i, dim=1)
+        for i in T.Parallel(HB):
+            sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
+
+    return update
+
+
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
@@ -247,6 +268,7 @@ def build_attend_ws(
     NHB = (h + HB - 1) // HB
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
+    softmax_update = _online_softmax(HB, BI, sl2)
     bf16, f32, i32, i64 = T.bfloat16, T.float32, T.int32, T.int64
 
     B = T.dynamic("batch")
@@ -397,16 +419,7 @@ def build_attend_ws(
             if "no_qk" not in probes:
                 T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
             if "no_softmax" not in probes:
-                T.copy(m_i, m_prev)
-                T.reduce_max(acc_s, m_i, dim=1, clear=False)
-                for i in T.Parallel(HB):
-                    m_i[i] = T.max(m_i[i], m_prev[i])
-                    alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
-                for i, j in T.Parallel(HB, BI):
-                    acc_s[i, j] = T.exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
-                T.reduce_sum(acc_s, sum_i, dim=1)
-                for i in T.Parallel(HB):
-                    sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
+                softmax_update(acc_s, m_i, m_prev, alpha, sumexp, sum_i)
             else:
                 for i in T.Parallel(HB):
                     alpha[i] = 1.0
@@ -597,6 +610,7 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
     NHB = (h + HB - 1) // HB
     BI = BLOCK_I
     sl2 = scale * LOG2E
+    softmax_update = _online_softmax(HB, BI, sl2)
     bf16, f32, i32, i64 = T.bfloat16, T.float32, T.int32, T.int64
     fp8 = T.float8_e4m3fn
 
@@ -682,16 +696,7 @@ def build_attend_legacy(h: int, nope: int, rope: int, tile: int, p1: int, p2: in
             for i, bi in T.Parallel(HB, BI):
                 acc_s[i, bi] = T.if_then_else(valid_s[bi] != 0, 0, -T.infinity(f32))
             T.gemm(Q_s, KV_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            T.copy(m_i, m_prev)
-            T.reduce_max(acc_s, m_i, dim=1, clear=False)
-            for i in T.Parallel(HB):
-                m_i[i] = T.max(m_i[i], m_prev[i])
-                alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
-            for i, bi in T.Parallel(HB, BI):
-                acc_s[i, bi] = T.exp2(acc_s[i, bi] * sl2 - m_i[i] * sl2)
-            T.reduce_sum(acc_s, sumexp_i, dim=1)
-            for i in T.Parallel(HB):
-                sumexp[i] = sumexp[i] * alpha[i] + sumexp_i[i]
+            softmax_update(acc_s, m_i, m_prev, alpha, sumexp, sumexp_i)
             for i, dd in T.Parallel(HB, D):
                 acc_o[i, dd] = acc_o[i, dd] * alpha[i]
             T.copy(acc_s, S_s)
