@@ -51,8 +51,22 @@ def attn_scan(*impls: str) -> None:
         attn.ATTN_IMPL = "ws"
 
 
-PROBES = ("", "no_qk", "no_pv", "no_softmax", "no_dq", "no_qk,no_pv", "no_qk,no_pv,no_softmax", "no_dq,no_qk,no_pv")
-PROBES = (*PROBES, "no_cvt", "no_sts", "no_cvt,no_sts")
+PROBES = (
+    "", "no_qk", "no_pv", "no_softmax", "no_dq", "no_qk,no_pv", "no_qk,no_pv,no_softmax", "no_dq,no_qk,no_pv",
+    "no_cvt", "no_sts", "no_cvt,no_sts",
+)  # fmt: skip
+
+
+def _ws_direct_args(b: int):
+    """A batch-b case for the ws kernel's direct path, called without the op: (kernel args with NaN-poisoned
+    outputs, outputs, reference (o, lse))."""
+    q, c1, i1, l1, kw = _attn_case(b, 512)
+    w1, h1, st1 = attn._cache_views_ws(c1.data)
+    w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full((b, 64, 1), float("nan"), dtype=torch.float32, device="cuda")
+    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
+    return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
 def attn_probe(*which: str) -> None:
@@ -61,15 +75,10 @@ def attn_probe(*which: str) -> None:
     compat.precompile([lambda pr=pr: attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr) for pr in probes])
     print("attention ws, direct (1 split), window 128 + 512; stages left out; graphflush us")
     for b in (128, 256):
-        q, c1, i1, l1, kw = _attn_case(b, 512)
-        w1, h1, st1 = attn._cache_views_ws(c1.data)
-        w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
-        o = torch.empty_like(q)
-        lse = torch.empty((b, 64, 1), dtype=torch.float32, device="cuda")
+        args, _, _ = _ws_direct_args(b)
         line = [f"b={b}"]
         for pr in probes:
             k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr)
-            args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
             t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
             line.append(f"{pr or 'full'}:{t:.1f}")
         print("  ".join(line), flush=True)
@@ -112,18 +121,12 @@ def attn_tiles() -> None:
     compat.precompile([lambda bs=bs: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", *bs) for bs in WS_TILES])
     print("attention ws, direct (1 split), window 128 + 512; (keys a block, K stages); graphflush us")
     for b in (64, 128, 256):
-        q, c1, i1, l1, kw = _attn_case(b, 512)
-        expect = ref_attention(q, c1, i1, l1, **kw)
-        w1, h1, st1 = attn._cache_views_ws(c1.data)
-        w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
         line = [f"b={b}"]
         for bs in WS_TILES:
             k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", *bs)
-            o = torch.full_like(q, float("nan"))
-            lse = torch.full((b, 64, 1), float("nan"), dtype=torch.float32, device="cuda")
-            args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
+            args, got, expect = _ws_direct_args(b)  # fresh NaN-poisoned outputs per variant
             compat.launch(k, *args)
-            ok = _backend.default_compare(expect, (o, lse))
+            ok = _backend.default_compare(expect, got)
             t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
             line.append(f"{bs}: {t:.1f} {'ok' if ok is None else 'FAIL ' + str(ok)[:60]}")
         print("  ".join(line), flush=True)
