@@ -642,6 +642,11 @@ def _topk_merge_kernel(topk: int, p: int, cpg: int = CHUNK_PAGES, threads: int =
     return build_topk_merge(topk, p, cpg, threads, pdl)
 
 
+def _chunks(max_visible: int, page: int, pages_per_chunk: int) -> int:
+    """Chunks a token's keys need (its candidates: chunks * topk); the grid's x extent, at least 1."""
+    return max(1, -(-max_visible // (pages_per_chunk * page)))
+
+
 def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[int, int, int, int]:
     """The chunk kernel's tiling (host arithmetic on shapes only). With n = tokens * ceil(max_visible / 4096)
     CTAs of 4096-key chunks: CHUNK_LARGE (4 CTAs an SM) once n >= LARGE_MIN_CTAS; else 2048-key chunks
@@ -653,11 +658,9 @@ def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[i
     t=1 x 64k (n=16) deep 52.3 vs large 66.9."""
     if FORCE_CHUNK_TILING is not None:
         return FORCE_CHUNK_TILING
-    large_ctas = tokens * -(-max_visible // (CHUNK_LARGE[0] * page))
-    if large_ctas >= LARGE_MIN_CTAS:
+    if tokens * _chunks(max_visible, page, CHUNK_LARGE[0]) >= LARGE_MIN_CTAS:
         return CHUNK_LARGE
-    keys = CHUNK_SMALL[0] * page
-    if topk <= keys and -(-max_visible // keys) * topk <= MERGE_STAGE:
+    if topk <= CHUNK_SMALL[0] * page and _chunks(max_visible, page, CHUNK_SMALL[0]) * topk <= MERGE_STAGE:
         return CHUNK_SMALL
     return CHUNK_DEEP
 
@@ -671,7 +674,7 @@ def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: 
     if page != 64 or dim != 128 or hi % 16 or not 16 <= hi <= 256 or t < 1 or topk > CHUNK_PAGES * page:
         return False
     tiling = chunk_tiling(topk, max_visible, page, t)
-    chunks = -(-max_visible // (tiling[0] * page))
+    chunks = _chunks(max_visible, page, tiling[0])
     if tiling == CHUNK_DEEP and t * chunks < FUSED_MIN_DEEP_CTAS:
         return False
     return chunks * topk <= MERGE_STAGE
@@ -730,7 +733,7 @@ def tl_index_topk_fused(
     if t == 0:
         return out, lens
     cpg, stages, ctas, g = chunk_tiling(topk, max_visible, page_size, t)
-    chunks = max(1, -(-max_visible // (page_size * cpg)))
+    chunks = _chunks(max_visible, page_size, cpg)
     cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
     cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
     launch(
