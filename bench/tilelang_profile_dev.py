@@ -7,6 +7,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
+    python -m bench.tilelang_profile_dev attn-trace     # attention ws: per-block timeline of every role (SM clock)
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -82,6 +83,66 @@ def attn_probe(*which: str) -> None:
             t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
             line.append(f"{pr or 'full'}:{t:.1f}")
         print("  ".join(line), flush=True)
+
+
+def _trace_words(o: torch.Tensor, rows: int) -> torch.Tensor:
+    """The trace probe's int32 stamps [B, rows, 32] from the bf16 output it was written over (lo, hi halves)."""
+    h16 = o.view(torch.int16)[:, 0, :rows, :64].to(torch.int64) & 0xFFFF
+    return (h16[..., 0::2] | (h16[..., 1::2] << 16)).to(torch.int64)
+
+
+def attn_trace() -> None:
+    """The ws kernel's `trace` probe (direct path, window 128 + 512 = 10 blocks a row): per block and role, where
+    the time goes (mean over all CTAs, microseconds from the SM clock, calibrated by the global timer)."""
+    rows = attn.TRACE_ROWS
+    k = compat.precompile([lambda: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "trace")])[0]
+    for b in (64, 128, 256):
+        args, (o, _), _ = _ws_direct_args(b)
+        for _ in range(3):  # warm-up, then one cold call (L2 flushed) that is read back
+            compat.launch(k, *args)
+        torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
+        compat.launch(k, *args)
+        torch.cuda.synchronize()
+        w = _trace_words(o, rows).cpu()
+        misc = w[:, 8]
+        ns = ((misc[:, 6] - misc[:, 5]) & 0xFFFFFFFF).double()
+        cyc = ((misc[:, 3] - misc[:, 1]) & 0xFFFFFFFF).double()
+        ghz = float((cyc / ns).median())
+        t0 = misc[:, 1:2]
+
+        def us(x):
+            return ((x - t0) & 0xFFFFFFFF).double() / ghz / 1e3
+
+        nb = 10
+        p_free, p_done = us(w[:, 0, :nb]), us(w[:, 1, :nb])
+        k_rdy, qk, sm, pv0 = us(w[:, 2, :nb]), us(w[:, 3, :nb]), us(w[:, 4, :nb]), us(w[:, 5, :nb])
+        s_rdy, pv1 = us(w[:, 6, :nb]), us(w[:, 7, :nb])
+        print(
+            f"b={b}: SM clock {ghz:.3f} GHz; CTA time {float((cyc / ghz / 1e3).mean()):.2f} us (mean), "
+            f"kernel span {float((misc[:, 6].max() - misc[:, 5].min()) & 0xFFFFFFFF) / 1e3:.1f} us (global timer)"
+        )
+        print(
+            f"  producer start {float(us(misc[:, 0]).mean()):.2f}, Q loaded {float(us(misc[:, 2]).mean()):.2f}, "
+            f"producer end {float(us(misc[:, 7]).mean()):.2f}, WG1 end {float(us(misc[:, 4]).mean()):.2f}, "
+            f"CTA end {float(us(misc[:, 3]).mean()):.2f}"
+        )
+        print("  blk | P free  P done | K rdy  QK done  S done  PV0 done | S rdy  PV1 done   (us from WG0 start)")
+        for i in range(nb):
+            cols = [p_free, p_done, k_rdy, qk, sm, pv0, s_rdy, pv1]
+            v = [float(c[:, i].mean()) for c in cols]
+            print(
+                f"  {i:3d} | {v[0]:6.2f} {v[1]:6.2f} | {v[2]:6.2f} {v[3]:7.2f} {v[4]:7.2f} {v[5]:8.2f} | "
+                f"{v[6]:6.2f} {v[7]:8.2f}"
+            )
+        parts = {
+            "producer dequant+stores": (p_done - p_free)[:, 1:],
+            "QK": qk - k_rdy,
+            "softmax+S": sm - qk,
+            "PV0": pv0 - sm,
+            "PV1": pv1 - s_rdy,
+            "block period": (k_rdy[:, -1:] - k_rdy[:, 1:2]) / (nb - 2),
+        }
+        print("  per block (mean): " + ", ".join(f"{n} {float(v.mean()):.2f}" for n, v in parts.items()), flush=True)
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
@@ -285,6 +346,7 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
+    cmds["attn-trace"] = attn_trace
     cmds[cmd](*args)
 
 

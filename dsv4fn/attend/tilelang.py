@@ -157,6 +157,20 @@ __device__ __forceinline__ int dsv4fn_fold8(const void* v_) {
   for (int i = 0; i < 8; ++i) x ^= v[i];
   return static_cast<int>(x);
 }
+// development probe "trace": SM clock and global timer stamps, written out as raw 32-bit words
+__device__ __forceinline__ int dsv4fn_clock() {
+  int c;
+  asm volatile("mov.u32 %0, %%clock;" : "=r"(c));
+  return c;
+}
+__device__ __forceinline__ int dsv4fn_gtimer() {
+  int c;
+  asm volatile("mov.u32 %0, %%globaltimer_lo;" : "=r"(c));
+  return c;
+}
+__device__ __forceinline__ unsigned short dsv4fn_half_word(int v, int hi) {
+  return static_cast<unsigned short>(static_cast<unsigned>(v) >> (16 * hi));
+}
 // 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
 __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
@@ -187,6 +201,10 @@ WS_PASS_CONFIGS = {
     "tl.disable_warp_specialized": True,
     "tl.disable_thread_storage_sync": True,
 }
+# trace probe rows (32 blocks each): producer after k_free wait, before k_ready; WG0 after k_ready, after Q K^T,
+# before P V, after P V; WG1 after s_ready, after P V; misc (producer start, WG0 start, Q loaded, CTA end, WG1 end,
+# global timer at WG0 start and at CTA end, producer end)
+TRACE_ROWS = 9
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
 WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
@@ -256,8 +274,10 @@ def build_attend_ws(
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
     (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
-    no_sts (converted, not stored)."""
+    no_sts (converted, not stored); trace (SM clock stamps of every role and block, written over the output:
+    TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
+    TRACE = "trace" in probes
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
@@ -280,6 +300,12 @@ def build_attend_ws(
     H1 = T.dynamic("halves1")
     H2 = T.dynamic("halves2")
     NS = T.dynamic("splits")
+
+    @T.macro
+    def stamp(trace_s, row, col, lead):
+        if TRACE:
+            if lead:
+                trace_s[row, col] = T.call_extern("int32", "dsv4fn_clock")
 
     @T.macro
     def load_q(Q, Q_s, b, sq, h0):
@@ -361,8 +387,9 @@ def build_attend_ws(
     @T.macro
     def producer(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, p,
+        K_s, valid_s, k_ready, k_free, p, trace_s,
     ):  # fmt: skip
+        stamp(trace_s, 8, 0, p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
         tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
@@ -384,6 +411,7 @@ def build_attend_ws(
             blk = blk0 + it
             st = it % KS
             barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
+            stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
                 if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
@@ -399,25 +427,35 @@ def build_attend_ws(
                     )
             if it + 2 < cnt:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
+            stamp(trace_s, 1, it, p == 0)
             T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
             T.barrier_arrive(k_ready[st])
+        stamp(trace_s, 8, 7, p == 0)
 
     @T.macro
     def consumer0(
         Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha,
+        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
+        tx = T.get_thread_binding()
+        stamp(trace_s, 8, 1, tx == 0)
+        if TRACE:
+            if tx == 0:
+                trace_s[8, 5] = T.call_extern("int32", "dsv4fn_gtimer")
         load_q(Q, Q_s, b, sq, h0)
+        stamp(trace_s, 8, 2, tx == 0)
         T.fill(acc_o, 0)
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(k_ready, st, (it // KS) % 2)
+            stamp(trace_s, 2, it, tx == 0)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
             if "no_qk" not in probes:
                 T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            stamp(trace_s, 3, it, tx == 0)
             if "no_softmax" not in probes:
                 softmax_update(acc_s, m_i, m_prev, alpha, sumexp, sum_i)
             else:
@@ -432,21 +470,26 @@ def build_attend_ws(
             T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
             T.barrier_arrive(s_ready)
             named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
+            stamp(trace_s, 4, it, tx == 0)
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            stamp(trace_s, 5, it, tx == 0)
             T.barrier_arrive(k_free[st])
 
     @T.macro
-    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha):
+    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
+        tx = T.get_thread_binding()
         T.fill(acc_o, 0)
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(s_ready, 0, it % 2)
+            stamp(trace_s, 6, it, tx == 128)
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            stamp(trace_s, 7, it, tx == 128)
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
 
@@ -483,6 +526,7 @@ def build_attend_ws(
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
             epi = T.alloc_barrier(128)
+            trace_s = T.alloc_shared([TRACE_ROWS, 32], i32) if TRACE else valid_s
             tx = T.get_thread_binding()
             n1 = T.max(T.min(Len1[b], K1), 0)
             n2 = T.max(T.min(Len2[b], K2), 0)
@@ -502,7 +546,7 @@ def build_attend_ws(
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
                 consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha)  # fmt: skip
+                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
@@ -534,7 +578,7 @@ def build_attend_ws(
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha)
+                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
                 barrier_wait(epi, 0, 0)
                 T.copy(fac_s, alpha)
                 if split_mode:
@@ -543,10 +587,23 @@ def build_attend_ws(
                             Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
                 else:
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
+                stamp(trace_s, 8, 4, tx == 128)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                         K_s, valid_s, k_ready, k_free, tx - 256)  # fmt: skip
+                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
+            if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
+                T.sync_threads()
+                if tx == 0:
+                    trace_s[8, 3] = T.call_extern("int32", "dsv4fn_clock")
+                    trace_s[8, 6] = T.call_extern("int32", "dsv4fn_gtimer")
+                T.sync_threads()
+                if tx < 32:
+                    for i in T.serial(TRACE_ROWS):
+                        for w in T.unroll(2):
+                            Out[b, sq, h0 + i, 2 * tx + w] = T.reinterpret(
+                                T.call_extern("uint16", "dsv4fn_half_word", trace_s[i, tx], w), bf16
+                            )
 
         return body
 
