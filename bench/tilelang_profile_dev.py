@@ -96,8 +96,11 @@ def attn_trace() -> None:
     the time goes (mean over all CTAs, microseconds from the SM clock, calibrated by the global timer)."""
     rows = attn.TRACE_ROWS
     k = compat.precompile([lambda: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "trace")])[0]
-    for b in (64, 128, 256):
+    for b, hot in ((128, False), (128, True), (256, False)):
         args, (o, _), _ = _ws_direct_args(b)
+        if hot:  # every key drawn from 2304 records (1.3 MB): after first touch the records are L2 hits
+            args[1].copy_(torch.randint(0, 256, args[1].shape, device="cuda", dtype=torch.int32))
+            args[5].copy_(torch.randint(0, 2048, args[5].shape, device="cuda", dtype=torch.int32))
         for _ in range(3):  # warm-up, then one cold call (L2 flushed) that is read back
             compat.launch(k, *args)
         torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
