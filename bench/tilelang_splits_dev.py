@@ -4,7 +4,6 @@ For V4-Flash (or V4-Pro) decode at 64k (the harness's `attend` case), each batch
 heuristic (`choose_splits`) and with forced split counts around it (`dsv4fn.attend.tilelang.FORCE_SPLITS`),
 every variant checked against the reference first. Timer: `graphflush` (one call replayed from a CUDA graph, L2
 flushed before each replay). Usage: python -m bench.tilelang_splits_dev [flash|pro]
-       python -m bench.tilelang_splits_dev opts [flash] [pro]   # the ws kernel's options (WS_OPTS) instead
 """
 
 import sys
@@ -14,7 +13,6 @@ import torch
 from bench.configs import Case
 from bench.run import SETUPS
 from bench.timing import graphflush_us
-from dsv4fn import _tilelang_compat as compat
 from dsv4fn.attend import tilelang as tla
 
 CANDIDATES = {
@@ -24,48 +22,8 @@ CANDIDATES = {
 }
 
 
-OPTS = ((False, False), (False, True), (True, False), (True, True))
-
-
-def opts(configs: list[str]) -> None:
-    """The ws kernel's options (L2 prefetch, speculative first indices: tla.WS_OPTS) at every batch, heuristic
-    splits, against FlashMLA; each variant checked first."""
-    dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name()}; graphflush us; ws options (prefetch, spec) vs FlashMLA")
-    seen, build = set(), tla._attend_ws_kernel
-
-    def spy(*args):
-        seen.add(args[:5])
-        return build(*args)
-
-    tla._attend_ws_kernel = spy  # the split and direct kernels' (h, pages, scale, split) of each config ...
-    for config in configs:
-        for b in (1, 128):
-            SETUPS["attend"](Case("attend", config, "decode", b, 65536), dev).make("tilelang", True)()
-    tla._attend_ws_kernel = build  # ... then every option variant of them compiled side by side
-    compat.precompile([lambda a=a, o=o: build(*a, "", 64, 2, *o) for a in sorted(seen) for o in OPTS])
-    for config in configs:
-        for b in (1, 32, 64, 128, 256):
-            bench = SETUPS["attend"](Case("attend", config, "decode", b, 65536), dev)
-            run_peer, check_peer = bench.peers["flashmla"]()
-            assert check_peer(run_peer())[0]
-            peer = graphflush_us(run_peer, rep_ms=20)
-            line = [f"{config} b={b:<4d} FlashMLA {peer:6.1f}"]
-            for o in OPTS:
-                tla.WS_OPTS = o
-                fn = bench.make("tilelang", False)
-                ok, _ = bench.check(bench.make("tilelang", True)())
-                t = graphflush_us(fn, rep_ms=20)
-                line.append(f"pf={int(o[0])},sp={int(o[1])} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL'}")
-            tla.WS_OPTS = (True, True)
-            print(" | ".join(line), flush=True)
-
-
 def main() -> None:
     config = sys.argv[1] if len(sys.argv) > 1 else "flash"
-    if config == "opts":
-        opts(sys.argv[2:] or ["flash", "pro"])
-        return
     dev = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}; V4-{config}; graphflush us; heuristic = choose_splits")
     for b, cands in CANDIDATES[config].items():

@@ -62,7 +62,6 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
-WS_OPTS = (True, True)  # ws kernel: (L2 prefetch of records, first indices with the lengths); bench knob, per call
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -100,10 +99,6 @@ __device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) 
       " @p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n}\n"
       : "=r"(d[0]), "=r"(d[1])
       : "l"(src), "r"(ok));
-}
-// L2 prefetch of the 128-byte line holding `src` (nothing when `ok` is 0)
-__device__ __forceinline__ void dsv4fn_prefetch_l2(const void* src, int ok) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p prefetch.global.L2 [%0];\n}\n" : : "l"(src), "r"(ok));
 }
 __device__ __forceinline__ unsigned dsv4fn_bf16x2_mul(unsigned x, unsigned y) {
   unsigned d;
@@ -216,12 +211,11 @@ WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
 @functools.cache
 def _kernels(
-    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
-    ws_opts: tuple[bool, bool] = (True, True),
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
 ):  # fmt: skip
     """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch)."""
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, *ws_opts)
+        main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -230,10 +224,9 @@ def _kernels(
 
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pf: bool = True, spec: bool = True,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pf, spec)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -275,8 +268,7 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 
 def build_attend_ws(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pf: bool = True, spec: bool = True,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
@@ -286,7 +278,6 @@ def build_attend_ws(
     TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
-    PF, SPEC = pf, spec
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
@@ -334,30 +325,6 @@ def build_attend_ws(
                 ixn[r] = Idx1[b, sq, T.min(blk * BI + tok0 + 32 * r, K1 - 1)]
             else:
                 ixn[r] = Idx2[b, sq, T.min((blk - nb1) * BI + tok0 + 32 * r, K2 - 1)]
-
-    @T.macro
-    def prefetch_keys(Cw, P, rpp, n, col0, tok0, c, ixp):
-        # L2 prefetch of this thread's part of its keys' records (lane c: bytes 128c.., lane 0 also 512..575,
-        # lane 1 the scale record): the register loads a block later then hit L2
-        for r in T.unroll(R):
-            okp = T.if_then_else((col0 + tok0 + 32 * r < n) & (ixp[r] >= 0), 1, 0)
-            slot = T.max(ixp[r], 0)
-            prow = T.cast(slot // P, i64) * rpp
-            row = prow + slot % P
-            T.call_extern("handle", "dsv4fn_prefetch_l2", T.address_of(Cw[row * RECW + c * 32]), okp)
-            if c == 0:
-                T.call_extern("handle", "dsv4fn_prefetch_l2", T.address_of(Cw[row * RECW + 128]), okp)
-            if c == 1:
-                T.call_extern(
-                    "handle", "dsv4fn_prefetch_l2", T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]), okp
-                )  # fmt: skip
-
-    @T.macro
-    def prefetch_block(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk, tok0, c, ixp):
-        if blk < nb1:
-            prefetch_keys(C1w, p1, rpp1, n1, blk * BI, tok0, c, ixp)
-        else:
-            prefetch_keys(C2w, p2, rpp2, n2, (blk - nb1) * BI, tok0, c, ixp)
 
     @T.macro
     def issue_loads(Cw, Ch, P, rpp, n, col0, tok0, c, r, ixn, ok, raw, rp, sc):
@@ -430,42 +397,19 @@ def build_attend_ws(
         rp = T.alloc_local([R, 2, 8], bf16)
         sc = T.alloc_local([R, 2], i32)
         ixn = T.alloc_local([R], i32)
-        ixp = T.alloc_local([R], i32)
-        spec = T.alloc_local([2, R], i32)
         ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
-        if SPEC:  # the first block's indices of both lists, requested with the list lengths (not after them)
-            for r in T.unroll(R):
-                spec[0, r] = Idx1[b, sq, T.min(tok0 + 32 * r, K1 - 1)]
-                spec[1, r] = Idx2[b, sq, T.min(tok0 + 32 * r, K2 - 1)]
         # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
-        # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes; with PF
-        # the records of block it+2 are prefetched into L2 at the start of block it (their indices, ixp, were
-        # requested a block earlier), so those register loads hit L2.
+        # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
         if cnt > 0:
-            if SPEC and blk0 == 0 and nb1 > 0:
-                for r in T.unroll(R):
-                    ixn[r] = spec[0, r]
-            elif SPEC and blk0 == nb1:
-                for r in T.unroll(R):
-                    ixn[r] = spec[1, r]
-            else:
-                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
             for r in T.unroll(R):
                 issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc)
             if cnt > 1:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
-                if PF:
-                    prefetch_block(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk0 + 1, tok0, c, ixn)
-            if PF and cnt > 2:
-                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 2, tok0, ixp)
         for it in T.serial(cnt):
             blk = blk0 + it
             st = it % KS
-            if PF and it + 2 < cnt:
-                prefetch_block(C1w, C2w, rpp1, rpp2, n1, n2, nb1, blk + 2, tok0, c, ixp)
-                if it + 3 < cnt:
-                    fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 3, tok0, ixp)
             barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
             stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
@@ -1015,7 +959,7 @@ def tl_sparse_attention(
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, WS_OPTS
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
