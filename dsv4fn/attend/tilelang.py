@@ -364,7 +364,7 @@ def build_attend_ws(
     CLUSTER = (2, 1, 1) if PAIR else None
     # sta: the K tile is written by st.async, whose bytes complete k_ready's transaction count (one expect_tx
     # arrival a block); the consumers put the proxy fence before their wgmma
-    STA = sta and PAIR and "no_sts" not in probes  # (st.async needs a cluster launch: an illegal instruction without)
+    STA = sta and "no_sts" not in probes
     TILE_TX = BI * (WS_D * 2 + 4)  # bytes of one K tile + its valid flags
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
