@@ -63,7 +63,6 @@ LN2 = 0.6931471805599453
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
 WS_PAIR = True  # ws kernel: two head blocks share a row's keys as a 2-CTA cluster (bench knob, read per call)
-WS_STA = True  # ws kernel: K tiles written by st.async counted on the tile's mbarrier (bench knob, read per call)
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -190,38 +189,6 @@ __device__ __forceinline__ void dsv4fn_wait_cluster(void* bar, int parity) {
                  : "=r"(done) : "r"(a), "r"(parity) : "memory");
   } while (!done);
 }
-// asynchronous shared-memory stores that count their bytes on the K tile's mbarrier (no fence, no per-thread
-// arrival, so the producer never waits for its own loads in flight): into this CTA, or this CTA and the peer
-__device__ __forceinline__ void dsv4fn_sta16_at(unsigned dst, const uint4& v, unsigned bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
-               : : "r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void dsv4fn_sta16(void* dst, const void* src, void* bar) {
-  dsv4fn_sta16_at(static_cast<unsigned>(__cvta_generic_to_shared(dst)), *reinterpret_cast<const uint4*>(src),
-                  static_cast<unsigned>(__cvta_generic_to_shared(bar)));
-}
-__device__ __forceinline__ void dsv4fn_sta16_pair(void* dst, const void* src, void* bar, int peer) {
-  const uint4 v = *reinterpret_cast<const uint4*>(src);
-  dsv4fn_sta16_at(static_cast<unsigned>(__cvta_generic_to_shared(dst)), v,
-                  static_cast<unsigned>(__cvta_generic_to_shared(bar)));
-  dsv4fn_sta16_at(dsv4fn_peer_addr(dst, peer), v, dsv4fn_peer_addr(bar, peer));
-}
-__device__ __forceinline__ void dsv4fn_sta4_at(unsigned dst, int v, unsigned bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
-               : : "r"(dst), "r"(v), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void dsv4fn_sta4(void* dst, int v, void* bar) {
-  dsv4fn_sta4_at(static_cast<unsigned>(__cvta_generic_to_shared(dst)), v,
-                 static_cast<unsigned>(__cvta_generic_to_shared(bar)));
-}
-__device__ __forceinline__ void dsv4fn_sta4_pair(void* dst, int v, void* bar, int peer) {
-  dsv4fn_sta4(dst, v, bar);
-  dsv4fn_sta4_at(dsv4fn_peer_addr(dst, peer), v, dsv4fn_peer_addr(bar, peer));
-}
-__device__ __forceinline__ void dsv4fn_expect_tx(void* bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.relaxed.cta.shared::cta.b64 _, [%0], %1;"
-               : : "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ void dsv4fn_fence_proxy_async_cluster() {
   asm volatile("fence.proxy.async.shared::cluster;" : : : "memory");
 }
@@ -280,12 +247,12 @@ WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 @functools.cache
 def _kernels(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
-    pair: bool = True, sta: bool = True,
+    pair: bool = True,
 ):  # fmt: skip
-    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch; `pair`,
-    `sta`: the ws kernel's options)."""
+    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch; `pair`:
+    the ws kernel's 2-CTA cluster mode where it applies)."""
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair, sta)
+        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -295,9 +262,9 @@ def _kernels(
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool = True, sta: bool = True,
+    pair: bool = True,
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, sta)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -340,7 +307,7 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool = True, sta: bool = True,
+    pair: bool = True,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
@@ -362,10 +329,6 @@ def build_attend_ws(
     PAIR = pair and NHB == 2 and BI == 64
     R = BI // 32 // (2 if PAIR else 1)  # keys per producer thread and block
     CLUSTER = (2, 1, 1) if PAIR else None
-    # sta: the K tile is written by st.async, whose bytes complete k_ready's transaction count (one expect_tx
-    # arrival a block); the consumers put the proxy fence before their wgmma
-    STA = sta and "no_sts" not in probes
-    TILE_TX = BI * (WS_D * 2 + 4)  # bytes of one K tile + its valid flags
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2)
@@ -451,29 +414,19 @@ def build_attend_ws(
         else:
             issue_loads(C2w, C2h, p2, rpp2, n2, (blk - nb1) * BI, tok0, c, r, ixn, ok, raw, rp, sc)
 
-    def st_async(nbytes: int, dst, src, bar, peer):
-        """st.async of 16 bytes (from the address `src`) or of the int `src` into `dst` (a shared element),
-        counted on the mbarrier `bar`; in pair mode into the peer CTA too."""
-        name = ("dsv4fn_sta16" if nbytes == 16 else "dsv4fn_sta4") + ("_pair" if PAIR else "")
-        return T.call_extern("handle", name, T.address_of(dst), src, T.address_of(bar), *([peer] if PAIR else []))
-
     def make_dequant_store(fn: str):
         """Macro: dequantize this thread's key r from registers into K_s[st] with the extern `fn`."""
         if "no_cvt" in probes:
             fn = "dsv4fn_dq16_nocvt"
 
         @T.macro
-        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer, k_ready):
+        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer):
             for t in T.unroll(NT):
                 T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
                               T.address_of(outb[0]))  # fmt: skip
                 if "no_sts" in probes:  # the values stay live (folded into one word), the K tile is not written
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = T.call_extern("int32", "dsv4fn_fold8", T.address_of(outb[0]))
-                elif STA:
-                    for u in T.unroll(2):
-                        st_async(16, K_s[st, tok0 + 32 * r, t * 64 + c * 16 + 8 * u], T.address_of(outb[8 * u]),
-                                 k_ready[st], peer)  # fmt: skip
                 elif PAIR:
                     for u in T.unroll(2):
                         T.call_extern(
@@ -484,19 +437,14 @@ def build_attend_ws(
                     for v in T.vectorized(16):
                         K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
             for t in T.unroll(2):
-                if STA:
-                    st_async(16, K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8], T.address_of(rp[r, t, 0]), k_ready[st],
-                             peer)  # fmt: skip
-                elif PAIR:
+                if PAIR:
                     T.call_extern("handle", "dsv4fn_st16_pair", T.address_of(K_s[st, tok0, NOPE + t * 32 + c * 8]),
                                   T.address_of(rp[r, t, 0]), peer)  # fmt: skip
                 else:
                     for v in T.vectorized(8):
                         K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
             if c == 0:
-                if STA:
-                    st_async(4, valid_s[st, tok0 + 32 * r], ok[r], k_ready[st], peer)
-                elif PAIR:
+                if PAIR:
                     T.call_extern("handle", "dsv4fn_st32_pair", T.address_of(valid_s[st, tok0]), ok[r], peer)
                 else:
                     valid_s[st, tok0 + 32 * r] = ok[r]
@@ -534,9 +482,6 @@ def build_attend_ws(
             blk = blk0 + it
             st = it % KS
             k_wait(k_free, st, ((it // KS) % 2) ^ 1)
-            if STA:
-                if p == 0:
-                    T.call_extern("handle", "dsv4fn_expect_tx", T.address_of(k_ready[st]), TILE_TX)
             stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
@@ -544,9 +489,9 @@ def build_attend_ws(
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
                 elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
-                    dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer, k_ready)
+                    dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer)
                 else:
-                    dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer, k_ready)
+                    dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer)
                 if it + 1 < cnt:
                     issue_block_loads(
                         C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
@@ -554,12 +499,11 @@ def build_attend_ws(
             if it + 2 < cnt:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
             stamp(trace_s, 1, it, p == 0)
-            if not STA:
-                if PAIR:
-                    T.call_extern("handle", "dsv4fn_fence_proxy_async_cluster")
-                else:
-                    T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
-                k_arrive(k_ready, st, peer)
+            if PAIR:
+                T.call_extern("handle", "dsv4fn_fence_proxy_async_cluster")
+            else:
+                T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
+            k_arrive(k_ready, st, peer)
         stamp(trace_s, 8, 7, p == 0)
 
     @T.macro
@@ -580,8 +524,6 @@ def build_attend_ws(
         for it in T.serial(cnt):
             st = it % KS
             k_wait(k_ready, st, (it // KS) % 2)
-            if STA:
-                T.fence_proxy_async()  # the K tile (st.async, generic proxy) is read by wgmma (async proxy)
             stamp(trace_s, 2, it, tx == 0)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
@@ -615,8 +557,6 @@ def build_attend_ws(
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(s_ready, 0, it % 2)
-            if STA:
-                T.fence_proxy_async()
             stamp(trace_s, 6, it, tx == 128)
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
@@ -655,8 +595,7 @@ def build_attend_ws(
             valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            # producer threads (both CTAs' in pair mode); with st.async one expect_tx arrival
-            k_ready = T.alloc_barrier([1 if STA else 256 if PAIR else 128] * KS)
+            k_ready = T.alloc_barrier([256 if PAIR else 128] * KS)  # producer threads (both CTAs' in pair mode)
             k_free = T.alloc_barrier([512 if PAIR else 256] * KS)  # consumer threads (both CTAs')
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
@@ -1099,7 +1038,7 @@ def tl_sparse_attention(
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, WS_PAIR, WS_STA
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, WS_PAIR
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
