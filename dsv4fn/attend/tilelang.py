@@ -62,7 +62,6 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
-WS_PAIR = True  # ws kernel: two head blocks share a row's keys as a 2-CTA cluster (bench knob, read per call)
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -158,40 +157,6 @@ __device__ __forceinline__ int dsv4fn_fold8(const void* v_) {
   for (int i = 0; i < 8; ++i) x ^= v[i];
   return static_cast<int>(x);
 }
-// pair mode (a 2-CTA cluster shares one row's keys): shared-memory stores into this CTA and the peer CTA at
-// the same offset, mbarrier arrivals on the peer's barrier and waits, both at cluster scope
-__device__ __forceinline__ unsigned dsv4fn_peer_addr(const void* p, int peer) {
-  unsigned r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-               : "=r"(r) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "r"(peer));
-  return r;
-}
-__device__ __forceinline__ void dsv4fn_st16_pair(void* dst, const void* src, int peer) {
-  const uint4 v = *reinterpret_cast<const uint4*>(src);
-  *reinterpret_cast<uint4*>(dst) = v;
-  asm volatile("st.shared::cluster.v4.b32 [%0], {%1, %2, %3, %4};"
-               : : "r"(dsv4fn_peer_addr(dst, peer)), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
-__device__ __forceinline__ void dsv4fn_st32_pair(void* dst, int v, int peer) {
-  *reinterpret_cast<int*>(dst) = v;
-  asm volatile("st.shared::cluster.b32 [%0], %1;" : : "r"(dsv4fn_peer_addr(dst, peer)), "r"(v) : "memory");
-}
-__device__ __forceinline__ void dsv4fn_arrive_peer(void* bar, int peer) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];"
-               : : "r"(dsv4fn_peer_addr(bar, peer)) : "memory");
-}
-__device__ __forceinline__ void dsv4fn_wait_cluster(void* bar, int parity) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(bar));
-  unsigned done = 0;
-  do {
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-                 " selp.b32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(a), "r"(parity) : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void dsv4fn_fence_proxy_async_cluster() {
-  asm volatile("fence.proxy.async.shared::cluster;" : : : "memory");
-}
 // development probe "trace": SM clock and global timer stamps, written out as raw 32-bit words
 __device__ __forceinline__ int dsv4fn_clock() {
   int c;
@@ -246,13 +211,11 @@ WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
 @functools.cache
 def _kernels(
-    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
-    pair: bool = True,
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
 ):  # fmt: skip
-    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch; `pair`:
-    the ws kernel's 2-CTA cluster mode where it applies)."""
+    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch)."""
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair)
+        main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -261,10 +224,9 @@ def _kernels(
 
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool = True,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -306,8 +268,7 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 
 def build_attend_ws(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool = True,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
@@ -321,14 +282,10 @@ def build_attend_ws(
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
     HB, BI, KS = HEAD_BLOCK, bi, stages
+    R = BI // 32  # keys per producer thread and block
     if BI not in (32, 64) or not 2 <= KS <= 4:
         raise ValueError(f"ws attention: blocks of 32 or 64 keys on 2-4 stages, got {BI} x {KS}")
     NHB = (h + HB - 1) // HB
-    # pair mode (two head blocks, 64-key blocks): the row's two CTAs form a cluster; each producer dequantizes
-    # half of every block's keys into both CTAs' K tiles
-    PAIR = pair and NHB == 2 and BI == 64
-    R = BI // 32 // (2 if PAIR else 1)  # keys per producer thread and block
-    CLUSTER = (2, 1, 1) if PAIR else None
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2)
@@ -349,20 +306,6 @@ def build_attend_ws(
         if TRACE:
             if lead:
                 trace_s[row, col] = T.call_extern("int32", "dsv4fn_clock")
-
-    @T.macro
-    def k_wait(bars, idx, parity):
-        # the K ring's barriers: in pair mode both CTAs' threads arrive (acquire at cluster scope)
-        if PAIR:
-            T.call_extern("handle", "dsv4fn_wait_cluster", T.address_of(bars[idx]), parity)
-        else:
-            barrier_wait(bars, idx, parity)
-
-    @T.macro
-    def k_arrive(bars, idx, peer):
-        T.barrier_arrive(bars[idx])
-        if PAIR:
-            T.call_extern("handle", "dsv4fn_arrive_peer", T.address_of(bars[idx]), peer)
 
     @T.macro
     def load_q(Q, Q_s, b, sq, h0):
@@ -420,34 +363,21 @@ def build_attend_ws(
             fn = "dsv4fn_dq16_nocvt"
 
         @T.macro
-        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer):
+        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s):
             for t in T.unroll(NT):
                 T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
                               T.address_of(outb[0]))  # fmt: skip
                 if "no_sts" in probes:  # the values stay live (folded into one word), the K tile is not written
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = T.call_extern("int32", "dsv4fn_fold8", T.address_of(outb[0]))
-                elif PAIR:
-                    for u in T.unroll(2):
-                        T.call_extern(
-                            "handle", "dsv4fn_st16_pair", T.address_of(K_s[st, tok0, t * 64 + c * 16 + 8 * u]),
-                            T.address_of(outb[8 * u]), peer,
-                        )  # fmt: skip
                 else:
                     for v in T.vectorized(16):
                         K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
             for t in T.unroll(2):
-                if PAIR:
-                    T.call_extern("handle", "dsv4fn_st16_pair", T.address_of(K_s[st, tok0, NOPE + t * 32 + c * 8]),
-                                  T.address_of(rp[r, t, 0]), peer)  # fmt: skip
-                else:
-                    for v in T.vectorized(8):
-                        K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
+                for v in T.vectorized(8):
+                    K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
             if c == 0:
-                if PAIR:
-                    T.call_extern("handle", "dsv4fn_st32_pair", T.address_of(valid_s[st, tok0]), ok[r], peer)
-                else:
-                    valid_s[st, tok0 + 32 * r] = ok[r]
+                valid_s[st, tok0 + 32 * r] = ok[r]
 
         return dequant_store
 
@@ -457,13 +387,12 @@ def build_attend_ws(
     @T.macro
     def producer(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, p, trace_s, peer,
+        K_s, valid_s, k_ready, k_free, p, trace_s,
     ):  # fmt: skip
         stamp(trace_s, 8, 0, p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
-        # keys tok0 and tok0 + 32 of every block; in pair mode key tok0 (+ 32 in the second CTA) only
-        tok0 = (p // 32) * 8 + lane % 8 + (32 * (1 - peer) if PAIR else 0)
+        tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
         raw = T.alloc_local([R, NT, 4], i32)
         rp = T.alloc_local([R, 2, 8], bf16)
         sc = T.alloc_local([R, 2], i32)
@@ -481,7 +410,7 @@ def build_attend_ws(
         for it in T.serial(cnt):
             blk = blk0 + it
             st = it % KS
-            k_wait(k_free, st, ((it // KS) % 2) ^ 1)
+            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
             stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
@@ -489,9 +418,9 @@ def build_attend_ws(
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
                 elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
-                    dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer)
+                    dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
-                    dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, peer)
+                    dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 if it + 1 < cnt:
                     issue_block_loads(
                         C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
@@ -499,17 +428,14 @@ def build_attend_ws(
             if it + 2 < cnt:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
             stamp(trace_s, 1, it, p == 0)
-            if PAIR:
-                T.call_extern("handle", "dsv4fn_fence_proxy_async_cluster")
-            else:
-                T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
-            k_arrive(k_ready, st, peer)
+            T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
+            T.barrier_arrive(k_ready[st])
         stamp(trace_s, 8, 7, p == 0)
 
     @T.macro
     def consumer0(
         Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s, peer,
+        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
         stamp(trace_s, 8, 1, tx == 0)
@@ -523,7 +449,7 @@ def build_attend_ws(
         T.fill(m_i, -(2.0**30))
         for it in T.serial(cnt):
             st = it % KS
-            k_wait(k_ready, st, (it // KS) % 2)
+            barrier_wait(k_ready, st, (it // KS) % 2)
             stamp(trace_s, 2, it, tx == 0)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
@@ -548,10 +474,10 @@ def build_attend_ws(
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, 5, it, tx == 0)
-            k_arrive(k_free, st, peer)
+            T.barrier_arrive(k_free[st])
 
     @T.macro
-    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s, peer):
+    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
         tx = T.get_thread_binding()
         T.fill(acc_o, 0)
         for it in T.serial(cnt):
@@ -565,7 +491,7 @@ def build_attend_ws(
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, 7, it, tx == 128)
             T.barrier_arrive(s_free)
-            k_arrive(k_free, st, peer)
+            T.barrier_arrive(k_free[st])
 
     @T.macro
     def store_half(Out, Q_s, acc_o, fac, b, sq, h0, d0, bar):
@@ -595,8 +521,8 @@ def build_attend_ws(
             valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            k_ready = T.alloc_barrier([256 if PAIR else 128] * KS)  # producer threads (both CTAs' in pair mode)
-            k_free = T.alloc_barrier([512 if PAIR else 256] * KS)  # consumer threads (both CTAs')
+            k_ready = T.alloc_barrier([128] * KS)
+            k_free = T.alloc_barrier([256] * KS)
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
             epi = T.alloc_barrier(128)
@@ -609,9 +535,6 @@ def build_attend_ws(
             per = T.ceildiv(nb, nsplit)
             blk0 = sp * per
             cnt = T.max(T.min(nb - blk0, per), 0)
-            peer = 1 - (h0 // HB) % 2  # pair mode: the cluster's other CTA (the row's other head block)
-            if PAIR:
-                T.cluster_sync()  # both CTAs' barriers initialised before the first remote arrival
             if tx < 128:
                 T.set_max_nreg(REG_WG0, 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
@@ -623,7 +546,7 @@ def build_attend_ws(
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
                 consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s, peer)  # fmt: skip
+                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
@@ -655,7 +578,7 @@ def build_attend_ws(
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s, peer)
+                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
                 barrier_wait(epi, 0, 0)
                 T.copy(fac_s, alpha)
                 if split_mode:
@@ -668,9 +591,7 @@ def build_attend_ws(
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s, peer)  # fmt: skip
-            if PAIR:
-                T.cluster_sync()  # no CTA leaves while its peer may still write its K tiles or arrive on its barriers
+                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
                 if tx == 0:
@@ -705,7 +626,7 @@ def build_attend_ws(
             rpp1: T.int32,
             rpp2: T.int32,
         ):
-            with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
+            with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
                 body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx % NHB) * HB, bx // NHB, NS,
                      None, Opart, Lpart)  # fmt: skip
 
@@ -730,7 +651,7 @@ def build_attend_ws(
         rpp1: T.int32,
         rpp2: T.int32,
     ):
-        with T.Kernel(NHB, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
+        with T.Kernel(NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
             body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse)
 
     return attend_ws_direct
@@ -1038,7 +959,7 @@ def tl_sparse_attention(
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, WS_PAIR
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
