@@ -393,16 +393,9 @@ def build_attend_ws(
         nok / nrow, list 1 if in1) as soon as the piece is converted."""
 
         @T.macro
-        def dequant_store(
-            st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h, in1, nok, nrow, scv,
-        ):  # fmt: skip
-            # the scale record is the first thing the next block needs (the warp's big-scale check): copied
-            # out and reloaded before anything else
-            scv[0] = sc[r, 0]
-            scv[1] = sc[r, 1]
-            reload_any(C1w, C1h, C2w, C2h, in1, 2, 0, c, r, nok, nrow, raw, rp, sc)
+        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h, in1, nok, nrow):
             for t in T.unroll(NT):
-                T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), scv[t // 4] >> (8 * (t % 4)),
+                T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
                               T.address_of(outb[0]))  # fmt: skip
                 reload_any(C1w, C1h, C2w, C2h, in1, 0, t, c, r, nok, nrow, raw, rp, sc)
                 for v in T.vectorized(16):
@@ -413,6 +406,7 @@ def build_attend_ws(
                 reload_any(C1w, C1h, C2w, C2h, in1, 1, t, c, r, nok, nrow, raw, rp, sc)
             if c == 0:
                 valid_s[st, tok0 + 32 * r] = ok[r]
+            reload_any(C1w, C1h, C2w, C2h, in1, 2, 0, c, r, nok, nrow, raw, rp, sc)
             ok[r] = nok[0]
 
         return dequant_store
@@ -464,7 +458,6 @@ def build_attend_ws(
         outb = T.alloc_local([16], bf16)
         nok = T.alloc_local([1], i32)
         nrow = T.alloc_local([2], i64)
-        scv = T.alloc_local([2], i32)
         # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
         # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
         if cnt > 0:
@@ -491,10 +484,10 @@ def build_attend_ws(
                         next_key(n2, p2, rpp2, (blk + 1 - nb1) * BI, tok0, r, ixn, it + 1 < cnt, nok, nrow)
                     if T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
                         dequant_big_fine(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h,
-                                         in1, nok, nrow, scv)  # fmt: skip
+                                         in1, nok, nrow)  # fmt: skip
                     else:
                         dequant_fast_fine(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h,
-                                          in1, nok, nrow, scv)  # fmt: skip
+                                          in1, nok, nrow)  # fmt: skip
                 elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
                     dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
