@@ -207,7 +207,7 @@ def attn_variants(which: str = "fine") -> None:
     producer - no spills in any, nvcc 13.0 - or piece-by-piece reloads): direct path, checked, then timed."""
     build, variants = attn._attend_ws_kernel, WS_VARIANTS[which]
     compat.precompile([lambda v=v: build(64, 64, 64, SCALE, False, "", 64, 2, *v) for v in variants])
-    print("attention ws, direct (1 split), window 128 + 512; variants (regs, fine); graphflush us")
+    print(f"attention ws, direct (1 split), window 128 + 512; variants (regs, fine); graphflush us")
     for b in (64, 128, 256):
         line = [f"b={b}"]
         for rg in variants:
@@ -369,8 +369,7 @@ def run_fused(t_: int, n: int) -> None:
 
 def main() -> None:
     cmd = sys.argv[1]
-    text_args = ("attn-scan", "attn-probe", "fused-sweep", "attn-variants")
-    args = sys.argv[2:] if cmd in text_args else [int(a) for a in sys.argv[2:]]
+    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe", "fused-sweep", "attn-variants") else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
