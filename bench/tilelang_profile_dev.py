@@ -8,7 +8,6 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
     python -m bench.tilelang_profile_dev attn-trace     # attention ws: per-block timeline of every role (SM clock)
-    python -m bench.tilelang_profile_dev attn-variants [regs|fine]  # attention ws: builder variants
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -198,20 +197,18 @@ def attn_tiles() -> None:
 
 
 REG_SPLITS = ((224, 160, 120), (216, 160, 128), (208, 160, 136), (200, 160, 144))
-# builder variants of attn-variants: (register budgets or None, fine-grained reloads)
-WS_VARIANTS = {"regs": [(rg, True) for rg in REG_SPLITS], "fine": [(None, False), (None, True)]}
 
 
-def attn_variants(which: str = "fine") -> None:
-    """The ws kernel's builder variants (WS_VARIANTS[which]: setmaxnreg budgets of warpgroup 0, warpgroup 1,
-    producer - no spills in any, nvcc 13.0 - or piece-by-piece reloads): direct path, checked, then timed."""
-    build, variants = attn._attend_ws_kernel, WS_VARIANTS[which]
-    compat.precompile([lambda v=v: build(64, 64, 64, SCALE, False, "", 64, 2, *v) for v in variants])
-    print(f"attention ws, direct (1 split), window 128 + 512; variants (regs, fine); graphflush us")
+def attn_regs() -> None:
+    """The ws kernel's setmaxnreg budgets (warpgroup 0, warpgroup 1, producer; no spills in any, nvcc 13.0):
+    direct path, checked, then timed."""
+    build = attn._attend_ws_kernel
+    compat.precompile([lambda rg=rg: build(64, 64, 64, SCALE, False, "", 64, 2, rg) for rg in REG_SPLITS])
+    print("attention ws, direct (1 split), window 128 + 512; register budgets (WG0, WG1, producer); graphflush us")
     for b in (64, 128, 256):
         line = [f"b={b}"]
-        for rg in variants:
-            k = build(64, 64, 64, SCALE, False, "", 64, 2, *rg)
+        for rg in REG_SPLITS:
+            k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", 64, 2, rg)
             args, got, expect = _ws_direct_args(b)
             compat.launch(k, *args)
             ok = _backend.default_compare(expect, got)
@@ -369,12 +366,12 @@ def run_fused(t_: int, n: int) -> None:
 
 def main() -> None:
     cmd = sys.argv[1]
-    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe", "fused-sweep", "attn-variants") else [int(a) for a in sys.argv[2:]]
+    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe", "fused-sweep") else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
     cmds["attn-trace"] = attn_trace
-    cmds["attn-variants"] = attn_variants
+    cmds["attn-regs"] = attn_regs
     cmds[cmd](*args)
 
 

@@ -225,9 +225,9 @@ def _kernels(
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    regs: tuple[int, int, int] | None = None, fine: bool = True,
+    regs: tuple[int, int, int] | None = None,
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, regs, fine)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, regs)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -270,7 +270,7 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    regs: tuple[int, int, int] | None = None, fine: bool = True,
+    regs: tuple[int, int, int] | None = None,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
@@ -280,7 +280,6 @@ def build_attend_ws(
     TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
     reg_wg0, reg_wg1, reg_producer = regs or (REG_WG0, REG_WG1, REG_PRODUCER)
-    FINE = fine and not probes  # reload each 16-byte piece as soon as it is dequantized (not each key after all)
     TRACE = "trace" in probes
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
@@ -361,59 +360,6 @@ def build_attend_ws(
         else:
             issue_loads(C2w, C2h, p2, rpp2, n2, (blk - nb1) * BI, tok0, c, r, ixn, ok, raw, rp, sc)
 
-    @T.macro
-    def next_key(n, P, rpp, col0, tok0, r, ixn, more, nok, nrow):
-        # validity and record row of this thread's key r of the next block (nok = 0 without a next block)
-        nok[0] = T.if_then_else(more & (col0 + tok0 + 32 * r < n) & (ixn[r] >= 0), 1, 0)
-        slot = T.max(ixn[r], 0)
-        nrow[0] = T.cast(slot // P, i64) * rpp + slot % P
-        nrow[1] = (T.cast(slot // P, i64) * rpp + P) * RECW + (slot % P) * 2  # word of its scale record
-
-    @T.macro
-    def reload(Cw, Ch, what, t, c, r, nok, nrow, raw, rp, sc):
-        # what 0: nope piece t; 1: rope piece t; 2: the scale record
-        if what == 0:
-            T.call_extern("handle", "dsv4fn_ld128", T.address_of(raw[r, t, 0]),
-                          T.address_of(Cw[nrow[0] * RECW + t * 16 + c * 4]), nok[0])  # fmt: skip
-        elif what == 1:
-            T.call_extern("handle", "dsv4fn_ld128", T.address_of(rp[r, t, 0]),
-                          T.address_of(Ch[nrow[0] * RECH + NOPE // 2 + t * 32 + c * 8]), nok[0])  # fmt: skip
-        else:
-            T.call_extern("handle", "dsv4fn_ld64", T.address_of(sc[r, 0]), T.address_of(Cw[nrow[1]]), nok[0])
-
-    @T.macro
-    def reload_any(C1w, C1h, C2w, C2h, in1, what, t, c, r, nok, nrow, raw, rp, sc):
-        if in1:
-            reload(C1w, C1h, what, t, c, r, nok, nrow, raw, rp, sc)
-        else:
-            reload(C2w, C2h, what, t, c, r, nok, nrow, raw, rp, sc)
-
-    def make_dequant_store_fine(fn: str):
-        """Macro: as make_dequant_store, each piece's registers reloaded with the next block's key r (address in
-        nok / nrow, list 1 if in1) as soon as the piece is converted."""
-
-        @T.macro
-        def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h, in1, nok, nrow):
-            for t in T.unroll(NT):
-                T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
-                              T.address_of(outb[0]))  # fmt: skip
-                reload_any(C1w, C1h, C2w, C2h, in1, 0, t, c, r, nok, nrow, raw, rp, sc)
-                for v in T.vectorized(16):
-                    K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
-            for t in T.unroll(2):
-                for v in T.vectorized(8):
-                    K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
-                reload_any(C1w, C1h, C2w, C2h, in1, 1, t, c, r, nok, nrow, raw, rp, sc)
-            if c == 0:
-                valid_s[st, tok0 + 32 * r] = ok[r]
-            reload_any(C1w, C1h, C2w, C2h, in1, 2, 0, c, r, nok, nrow, raw, rp, sc)
-            ok[r] = nok[0]
-
-        return dequant_store
-
-    dequant_fast_fine = make_dequant_store_fine("dsv4fn_dq16")
-    dequant_big_fine = make_dequant_store_fine("dsv4fn_dq16_big")
-
     def make_dequant_store(fn: str):
         """Macro: dequantize this thread's key r from registers into K_s[st] with the extern `fn`."""
         if "no_cvt" in probes:
@@ -456,8 +402,6 @@ def build_attend_ws(
         ixn = T.alloc_local([R], i32)
         ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
-        nok = T.alloc_local([1], i32)
-        nrow = T.alloc_local([2], i64)
         # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
         # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
         if cnt > 0:
@@ -476,23 +420,11 @@ def build_attend_ws(
                 if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
-                elif FINE:
-                    in1 = blk + 1 < nb1
-                    if in1:
-                        next_key(n1, p1, rpp1, (blk + 1) * BI, tok0, r, ixn, it + 1 < cnt, nok, nrow)
-                    else:
-                        next_key(n2, p2, rpp2, (blk + 1 - nb1) * BI, tok0, r, ixn, it + 1 < cnt, nok, nrow)
-                    if T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
-                        dequant_big_fine(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h,
-                                         in1, nok, nrow)  # fmt: skip
-                    else:
-                        dequant_fast_fine(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s, C1w, C1h, C2w, C2h,
-                                          in1, nok, nrow)  # fmt: skip
                 elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
                     dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
                     dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
-                if it + 1 < cnt and not FINE:
+                if it + 1 < cnt:
                     issue_block_loads(
                         C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
                     )
