@@ -202,8 +202,7 @@ REG_SPLITS = ((224, 160, 120), (216, 160, 128), (208, 160, 136), (200, 160, 144)
 def attn_regs() -> None:
     """The ws kernel's setmaxnreg budgets (warpgroup 0, warpgroup 1, producer; no spills in any, nvcc 13.0):
     direct path, checked, then timed."""
-    build = attn._attend_ws_kernel
-    compat.precompile([lambda rg=rg: build(64, 64, 64, SCALE, False, "", 64, 2, rg) for rg in REG_SPLITS])
+    compat.precompile([lambda rg=rg: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", 64, 2, rg) for rg in REG_SPLITS])
     print("attention ws, direct (1 split), window 128 + 512; register budgets (WG0, WG1, producer); graphflush us")
     for b in (64, 128, 256):
         line = [f"b={b}"]
