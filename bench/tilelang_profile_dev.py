@@ -196,26 +196,6 @@ def attn_tiles() -> None:
         print("  ".join(line), flush=True)
 
 
-REG_SPLITS = ((224, 160, 120), (216, 160, 128), (208, 160, 136), (200, 160, 144))
-
-
-def attn_regs() -> None:
-    """The ws kernel's setmaxnreg budgets (warpgroup 0, warpgroup 1, producer; no spills in any, nvcc 13.0):
-    direct path, checked, then timed."""
-    compat.precompile([lambda rg=rg: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", 64, 2, rg) for rg in REG_SPLITS])
-    print("attention ws, direct (1 split), window 128 + 512; register budgets (WG0, WG1, producer); graphflush us")
-    for b in (64, 128, 256):
-        line = [f"b={b}"]
-        for rg in REG_SPLITS:
-            k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, "", 64, 2, rg)
-            args, got, expect = _ws_direct_args(b)
-            compat.launch(k, *args)
-            ok = _backend.default_compare(expect, got)
-            t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
-            line.append(f"{rg}: {t:.1f} {'ok' if ok is None else 'FAIL ' + str(ok)[:60]}")
-        print("  ".join(line), flush=True)
-
-
 def _fused_ok(q8, w, cache, pt, req, vis, n) -> str:
     """The full fused op (current knobs) against the reference top-512 sets: "ok" or "FAIL"."""
     try:
@@ -370,7 +350,6 @@ def main() -> None:
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
     cmds["attn-trace"] = attn_trace
-    cmds["attn-regs"] = attn_regs
     cmds[cmd](*args)
 
 

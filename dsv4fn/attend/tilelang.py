@@ -224,10 +224,9 @@ def _kernels(
 
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    regs: tuple[int, int, int] | None = None,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, regs)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -269,8 +268,7 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 
 def build_attend_ws(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    regs: tuple[int, int, int] | None = None,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
@@ -279,7 +277,6 @@ def build_attend_ws(
     no_sts (converted, not stored); trace (SM clock stamps of every role and block, written over the output:
     TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
-    reg_wg0, reg_wg1, reg_producer = regs or (REG_WG0, REG_WG1, REG_PRODUCER)
     TRACE = "trace" in probes
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
@@ -539,7 +536,7 @@ def build_attend_ws(
             blk0 = sp * per
             cnt = T.max(T.min(nb - blk0, per), 0)
             if tx < 128:
-                T.set_max_nreg(reg_wg0, 1)
+                T.set_max_nreg(REG_WG0, 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 acc_s = T.alloc_fragment([HB, BI], f32)
                 m_i = T.alloc_fragment([HB], f32)
@@ -578,7 +575,7 @@ def build_attend_ws(
                         if h0 + i < h:
                             L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
             elif tx < 256:
-                T.set_max_nreg(reg_wg1, 0)
+                T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
@@ -592,7 +589,7 @@ def build_attend_ws(
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
                 stamp(trace_s, 8, 4, tx == 128)
             else:
-                T.set_max_nreg(reg_producer, 0)
+                T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                          K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
