@@ -98,6 +98,10 @@ def test_attention_impl_selection():
         attn.ATTN_IMPL = old
     # ws splits: fill the SMs only while the rows alone cannot (shapes only, no host sync)
     assert [attn.choose_splits(b, 1, 64, 128, 512, "ws") for b in (1, 32, 64, 128, 256)] == [10, 4, 2, 1, 1]
+    # V4-Pro (two head blocks, 18 blocks): one block a CTA at b=1; no empty parts (16 parts of 18 blocks would
+    # leave 7 of them empty); one wave
+    assert [attn.choose_splits(b, 1, 128, 128, 1024, "ws") for b in (1, 4, 8, 32, 64)] == [18, 9, 6, 2, 1]
+    assert attn.choose_splits(1, 1, 64, 128, 4096, "ws") == 22  # 66 blocks: at most 32 parts -> 22 of 3 blocks
     assert attn.choose_splits(1, 1, 64, 1, 0, "ws") == 1
 
 

@@ -898,8 +898,10 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
     """KV splits per row (host-only arithmetic, from shapes): fill the SMs when the batch alone cannot.
 
     legacy: one wave of ~132 programs when fewer than 66 rows. ws (one 384-thread CTA per SM): split
-    only while the rows fill under ~3/4 of the SMs, into at most 132 // rows parts, so every CTA runs
-    in the first wave (b=1: 10 splits of 1 block; b=32: 4; b=64: 2; b>=100: 1)."""
+    only while the rows fill under ~3/4 of the SMs, into at most 132 // rows parts (and 32), so every CTA
+    runs in the first wave; then as few parts as give the same blocks per part (an empty part still costs
+    a CTA and a partial). V4-Flash (10 blocks): b=1 10 splits of 1 block, b=32 4, b=64 2, b>=100 1;
+    V4-Pro (2 head blocks, 18 blocks): b=1 18 of 1 block, b=4 9 of 2, b=32 2."""
     if FORCE_SPLITS is not None:
         return max(1, int(FORCE_SPLITS))
     programs = b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
@@ -907,7 +909,8 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
     if impl == "ws":
         if programs >= (3 * NUM_SMS_TARGET) // 4 or blocks <= 1:
             return 1
-        return max(1, min(blocks, NUM_SMS_TARGET // programs, 16))
+        per = math.ceil(blocks / max(1, min(blocks, NUM_SMS_TARGET // programs, 32)))
+        return math.ceil(blocks / per)
     if programs >= NUM_SMS_TARGET // 2 or blocks <= 1:
         return 1
     return max(1, min(blocks, math.ceil(NUM_SMS_TARGET / programs), 16))
