@@ -113,15 +113,16 @@ def attn_trace() -> None:
         ghz = float((cyc / ns).median())
         t0 = misc[:, 1:2]
 
-        def us(x):
-            return ((x - t0) & 0xFFFFFFFF).double() / ghz / 1e3
+        def us(x):  # signed 32-bit clock difference to WG0's start
+            return (((x - t0 + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)).double() / ghz / 1e3
 
         nb = 10
         p_free, p_done = us(w[:, 0, :nb]), us(w[:, 1, :nb])
         k_rdy, qk, sm, pv0 = us(w[:, 2, :nb]), us(w[:, 3, :nb]), us(w[:, 4, :nb]), us(w[:, 5, :nb])
         s_rdy, pv1 = us(w[:, 6, :nb]), us(w[:, 7, :nb])
         print(
-            f"b={b}: SM clock {ghz:.3f} GHz; CTA time {float((cyc / ghz / 1e3).mean()):.2f} us (mean), "
+            f"b={b}{' (hot: keys from 2304 records)' if hot else ''}: SM clock {ghz:.3f} GHz; "
+            f"CTA time {float((cyc / ghz / 1e3).mean()):.2f} us (mean), "
             f"kernel span {float((misc[:, 6].max() - misc[:, 5].min()) & 0xFFFFFFFF) / 1e3:.1f} us (global timer)"
         )
         print(
