@@ -394,14 +394,15 @@ def build_attend_ws(
     dequant_big = make_dequant_store("dsv4fn_dq16_big")
 
     @T.macro
-    def stage_raw(st, tok0, c, r, raw, sc, raw_s, sc_s):
-        # the shared tiles of this thread's key r, raw, into raw_s (16-byte units XOR-swizzled by key: no bank
-        # conflicts), after its own tiles were dequantized (its loads have landed) and before its registers reload
-        for tt in T.unroll(SHARE):
-            for v in T.vectorized(4):
-                raw_s[st, tok0 + 32 * r, (((tt * 4 + c) ^ (tok0 % 8)) * 4) + v] = raw[r, T0 + tt, v]
-        if c == 0:
-            sc_s[st, tok0 + 32 * r] = sc[r, 1]
+    def stage_raw(st, tok0, c, raw, sc, raw_s, sc_s, raw_ready):
+        # the shared tiles of this thread's keys, raw, into raw_s (16-byte units XOR-swizzled by key: conflict-free)
+        for r in T.unroll(R):
+            for tt in T.unroll(SHARE):
+                for v in T.vectorized(4):
+                    raw_s[st, tok0 + 32 * r, (((tt * 4 + c) ^ (tok0 % 8)) * 4) + v] = raw[r, T0 + tt, v]
+            if c == 0:
+                sc_s[st, tok0 + 32 * r] = sc[r, 1]
+        T.barrier_arrive(raw_ready[st])
 
     @T.macro
     def convert_shared(st, j, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb):
@@ -451,6 +452,8 @@ def build_attend_ws(
             blk = blk0 + it
             st = it % KS
             barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
+            if SHARE:
+                stage_raw(st, tok0, c, raw, sc, raw_s, sc_s, raw_ready)
             stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
@@ -461,14 +464,10 @@ def build_attend_ws(
                     dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
                     dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
-                if SHARE:
-                    stage_raw(st, tok0, c, r, raw, sc, raw_s, sc_s)
                 if it + 1 < cnt:
                     issue_block_loads(
                         C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
                     )
-            if SHARE:
-                T.barrier_arrive(raw_ready[st])
             if it + 2 < cnt:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
             stamp(trace_s, 1, it, p == 0)
