@@ -529,13 +529,18 @@ def build_attend_ws(
         rin = T.alloc_local([4], i32)
         outb = T.alloc_local([16], bf16)
         T.fill(acc_o, 0)
-        if SHARE:  # the first two blocks' shared tiles up front ...
-            for j in T.serial(T.min(cnt, KS)):
-                convert_shared(j, j, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb)
+        if SHARE:
+            if cnt > 0:
+                convert_shared(0, 0, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb)
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(s_ready, 0, it % 2)
             stamp(trace_s, 6, it, tx == 128)
+            if SHARE:
+                # block it+1's shared tiles before this block's P V: warpgroup 0 needs them for its next Q K^T;
+                # their K stage held block it-1, which both warpgroups finished (s_ready(it) implies warpgroup 0's)
+                if it + 1 < cnt:
+                    convert_shared((it + 1) % KS, it + 1, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb)
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
@@ -544,9 +549,6 @@ def build_attend_ws(
             stamp(trace_s, 7, it, tx == 128)
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
-            if SHARE:  # ... then block it+2's into the stage this block leaves (its raw_ready implies k_free)
-                if it + KS < cnt:
-                    convert_shared(st, it + KS, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb)
 
     @T.macro
     def store_half(Out, Q_s, acc_o, fac, b, sq, h0, d0, bar):
