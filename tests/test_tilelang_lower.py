@@ -66,6 +66,14 @@ def test_attention_ws_block_variants_lower_and_bounds():
             attn.build_attend_ws(64, 64, 64, SCALE, False, "", bi, stages)
 
 
+def test_attention_ws_trace_probe_lowers():
+    """The development timeline probe (bench/tilelang_profile_dev.py attn-trace) lowers: SM clock stamps of every
+    warpgroup and block, written over the output after two CTA-wide syncs."""
+    body = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, "trace"), attn.WS_PASS_CONFIGS))
+    assert body.count("dsv4fn_clock()") >= 9 and body.count("dsv4fn_gtimer()") == 2
+    assert "dsv4fn_half_word(" in body and body.count("__syncthreads()") == 3
+
+
 def test_attention_ws_register_budget():
     """setmaxnreg.inc waits for registers released by the other warpgroups: the three budgets must fit in
     what the CTA was launched with (168 per thread at 384 threads), or warpgroup 0 hangs."""
