@@ -197,24 +197,6 @@ def attn_tiles() -> None:
         print("  ".join(line), flush=True)
 
 
-def attn_share() -> None:
-    """The ws kernel with warpgroup 1 dequantizing 0 or 2 of every key's 7 tiles (direct path): checked, then timed;
-    then the trace probe with 2."""
-    build = attn._attend_ws_kernel
-    compat.precompile([lambda sh=sh: build(64, 64, 64, SCALE, False, "", 64, 2, sh) for sh in (0, 2)])
-    print("attention ws, direct (1 split), window 128 + 512; tiles dequantized by warpgroup 1; graphflush us")
-    for b in (64, 128, 256):
-        line = [f"b={b}"]
-        for sh in (0, 2):
-            k = build(64, 64, 64, SCALE, False, "", 64, 2, sh)
-            args, got, expect = _ws_direct_args(b)
-            compat.launch(k, *args)
-            ok = _backend.default_compare(expect, got)
-            t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
-            line.append(f"share={sh}: {t:.1f} {'ok' if ok is None else 'FAIL ' + str(ok)[:60]}")
-        print("  ".join(line), flush=True)
-
-
 def _fused_ok(q8, w, cache, pt, req, vis, n) -> str:
     """The full fused op (current knobs) against the reference top-512 sets: "ok" or "FAIL"."""
     try:
@@ -369,7 +351,6 @@ def main() -> None:
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
     cmds["attn-trace"] = attn_trace
-    cmds["attn-share"] = attn_share
     cmds[cmd](*args)
 
 

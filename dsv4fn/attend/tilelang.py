@@ -224,10 +224,9 @@ def _kernels(
 
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    share: int = 2,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, share)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -269,8 +268,7 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 
 def build_attend_ws(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    share: int = 2,
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
@@ -287,13 +285,6 @@ def build_attend_ws(
     R = BI // 32  # keys per producer thread and block
     if BI not in (32, 64) or not 2 <= KS <= 4:
         raise ValueError(f"ws attention: blocks of 32 or 64 keys on 2-4 stages, got {BI} x {KS}")
-    # share: the last `share` 64-wide tiles of every key are staged raw (e4m3) in shared memory by the producer
-    # and dequantized by warpgroup 1 (idle most of a block), which converts block i+1's part while warpgroup 0
-    # is busy with block i (0: the producer converts everything; probes other than trace keep it at 0)
-    SHARE = share if not (probes - {"trace"}) and BI == 64 else 0
-    if SHARE not in (0, 2):
-        raise ValueError(f"ws attention: share 0 or 2 tiles with warpgroup 1, got {share}")
-    T0 = NT - SHARE  # tiles the producer dequantizes
     NHB = (h + HB - 1) // HB
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
@@ -373,7 +364,7 @@ def build_attend_ws(
 
         @T.macro
         def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s):
-            for t in T.unroll(T0):
+            for t in T.unroll(NT):
                 T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
                               T.address_of(outb[0]))  # fmt: skip
                 if "no_sts" in probes:  # the values stay live (folded into one word), the K tile is not written
@@ -394,40 +385,9 @@ def build_attend_ws(
     dequant_big = make_dequant_store("dsv4fn_dq16_big")
 
     @T.macro
-    def stage_raw(st, tok0, c, r, raw, sc, raw_s, sc_s):
-        # the shared tiles of this thread's key r, raw, into raw_s (16-byte units XOR-swizzled by key: no bank
-        # conflicts)
-        for tt in T.unroll(SHARE):
-            for v in T.vectorized(4):
-                raw_s[st, tok0 + 32 * r, (((tt * 4 + c) ^ (tok0 % 8)) * 4) + v] = raw[r, T0 + tt, v]
-        if c == 0:
-            sc_s[st, tok0 + 32 * r] = sc[r, 1]
-
-    @T.macro
-    def convert_shared(st, j, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb):
-        # warpgroup 1: dequantize block j's shared tiles (staged raw by the producer) into K_s[st]
-        barrier_wait(raw_ready, st, (j // KS) % 2)
-        for r in T.unroll(R):
-            scw = sc_s[st, tok0 + 32 * r]
-            big = T.call_extern("int32", "dsv4fn_warp_any_big", 0, scw & 0x00FFFF00)
-            for tt in T.unroll(SHARE):
-                for v in T.vectorized(4):
-                    rin[v] = raw_s[st, tok0 + 32 * r, (((tt * 4 + c) ^ (tok0 % 8)) * 4) + v]
-                if big != 0:
-                    T.call_extern("handle", "dsv4fn_dq16_big", T.address_of(rin[0]), scw >> (8 * (T0 + tt - 4)),
-                                  T.address_of(outb[0]))  # fmt: skip
-                else:
-                    T.call_extern("handle", "dsv4fn_dq16", T.address_of(rin[0]), scw >> (8 * (T0 + tt - 4)),
-                                  T.address_of(outb[0]))  # fmt: skip
-                for v in T.vectorized(16):
-                    K_s[st, tok0 + 32 * r, (T0 + tt) * 64 + c * 16 + v] = outb[v]
-        T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
-        T.barrier_arrive(k_ready[st])
-
-    @T.macro
     def producer(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, p, trace_s, raw_s, sc_s, raw_ready,
+        K_s, valid_s, k_ready, k_free, p, trace_s,
     ):  # fmt: skip
         stamp(trace_s, 8, 0, p == 0)
         lane = p % 32
@@ -451,8 +411,6 @@ def build_attend_ws(
             blk = blk0 + it
             st = it % KS
             barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
-            if SHARE:  # key 0 (loaded mid-way through the previous block: landed) staged first ...
-                stage_raw(st, tok0, c, 0, raw, sc, raw_s, sc_s)
             stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
@@ -467,11 +425,6 @@ def build_attend_ws(
                     issue_block_loads(
                         C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
                     )
-                if SHARE:  # ... key 1 (requested at the end of the previous block) once key 0 is dequantized
-                    if r == 0:
-                        for r1 in T.unroll(1, R):
-                            stage_raw(st, tok0, c, r1, raw, sc, raw_s, sc_s)
-                        T.barrier_arrive(raw_ready[st])
             if it + 2 < cnt:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
             stamp(trace_s, 1, it, p == 0)
@@ -524,18 +477,9 @@ def build_attend_ws(
             T.barrier_arrive(k_free[st])
 
     @T.macro
-    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s, raw_s, sc_s, raw_ready,
-                  k_ready):  # fmt: skip
+    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
         tx = T.get_thread_binding()
-        lane = tx % 32
-        c = lane // 8
-        tok0 = ((tx - 128) // 32) * 8 + lane % 8  # the producer's key / column mapping
-        rin = T.alloc_local([4], i32)
-        outb = T.alloc_local([16], bf16)
         T.fill(acc_o, 0)
-        if SHARE:  # the first two blocks' shared tiles up front ...
-            for j in T.serial(T.min(cnt, KS)):
-                convert_shared(j, j, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb)
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(s_ready, 0, it % 2)
@@ -548,9 +492,6 @@ def build_attend_ws(
             stamp(trace_s, 7, it, tx == 128)
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
-            if SHARE:  # ... then block it+2's into the stage this block leaves (its raw_ready implies k_free)
-                if it + KS < cnt:
-                    convert_shared(st, it + KS, tok0, c, raw_s, sc_s, raw_ready, K_s, k_ready, rin, outb)
 
     @T.macro
     def store_half(Out, Q_s, acc_o, fac, b, sq, h0, d0, bar):
@@ -580,10 +521,7 @@ def build_attend_ws(
             valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            k_ready = T.alloc_barrier([256 if SHARE else 128] * KS)  # producer (+ warpgroup 1 with share)
-            raw_s = T.alloc_shared([KS, BI, 16 * SHARE if SHARE else 4], i32)  # staged raw shared tiles
-            sc_s = T.alloc_shared([KS, BI], i32)  # their keys' scale word 1 (tiles 4-6)
-            raw_ready = T.alloc_barrier([128] * KS)
+            k_ready = T.alloc_barrier([128] * KS)
             k_free = T.alloc_barrier([256] * KS)
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
@@ -640,8 +578,7 @@ def build_attend_ws(
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s, raw_s, sc_s,
-                          raw_ready, k_ready)  # fmt: skip
+                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
                 barrier_wait(epi, 0, 0)
                 T.copy(fac_s, alpha)
                 if split_mode:
@@ -654,7 +591,7 @@ def build_attend_ws(
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s, raw_s, sc_s, raw_ready)  # fmt: skip
+                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
                 if tx == 0:
