@@ -58,10 +58,13 @@ PROBES = (
 )  # fmt: skip
 
 
+ATTN_EXTRA = 512  # compressed keys a row of _ws_direct_args (after the 128-key window)
+
+
 def _ws_direct_args(b: int):
     """A batch-b case for the ws kernel's direct path, called without the op: (kernel args with NaN-poisoned
     outputs, outputs, reference (o, lse))."""
-    q, c1, i1, l1, kw = _attn_case(b, 512)
+    q, c1, i1, l1, kw = _attn_case(b, ATTN_EXTRA)
     w1, h1, st1 = attn._cache_views_ws(c1.data)
     w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
     o = torch.full_like(q, float("nan"))
@@ -91,6 +94,46 @@ def _trace_words(o: torch.Tensor, rows: int) -> torch.Tensor:
     return (h16[..., 0::2] | (h16[..., 1::2] << 16)).to(torch.int64)
 
 
+def _trace_report(w: torch.Tensor, nb: int, title: str) -> None:
+    """Print the trace probe's stamps w [CTAs, TRACE_ROWS, 32] (int64 words, CPU): each CTA's clock rate from
+    its global-timer pair, the single stamps, the per-block timeline and the mean part of a block per role."""
+    misc = dict(zip(attn.TRACE_MISC, w[:, len(attn.TRACE_BLOCK)].unbind(1), strict=False))
+    ns = ((misc["CTA end ns"] - misc["WG0 start ns"]) & 0xFFFFFFFF).double()
+    cyc = ((misc["CTA end"] - misc["WG0 start"]) & 0xFFFFFFFF).double()
+    ghz = float((cyc / ns).median())
+    t0 = misc["WG0 start"].unsqueeze(1)
+
+    def us(x):  # signed 32-bit clock difference to WG0's start
+        return (((x - t0 + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)).double() / ghz / 1e3
+
+    ev = {name: us(w[:, i, :nb]) for i, name in enumerate(attn.TRACE_BLOCK)}
+    span = (misc["CTA end ns"].max() - misc["WG0 start ns"].min()) & 0xFFFFFFFF
+    print(
+        f"{title}: SM clock {ghz:.3f} GHz; "
+        f"CTA time {float((cyc / ghz / 1e3).mean()):.2f} us (mean), kernel span {float(span) / 1e3:.1f} us "
+        "(global timer)"
+    )
+    single = ("producer start", "Q loaded", "producer end", "WG1 end", "CTA end")
+    print("  " + ", ".join(f"{n} {float(us(misc[n].unsqueeze(1)).mean()):.2f}" for n in single))
+    print("  blk | P free  P done | K rdy  QK done  S done  PV0 done | S rdy  PV1 done   (us from WG0 start)")
+    for i in range(nb):
+        v = [float(c[:, i].mean()) for c in ev.values()]
+        print(
+            f"  {i:3d} | {v[0]:6.2f} {v[1]:6.2f} | {v[2]:6.2f} {v[3]:7.2f} {v[4]:7.2f} {v[5]:8.2f} | "
+            f"{v[6]:6.2f} {v[7]:8.2f}"
+        )
+    p_free, p_done, k_rdy, qk, sm, pv0, s_rdy, pv1 = ev.values()
+    parts = {
+        "producer dequant+stores": (p_done - p_free)[:, 1:],
+        "QK": qk - k_rdy,
+        "softmax+S": sm - qk,
+        "PV0": pv0 - sm,
+        "PV1": pv1 - s_rdy,
+        "block period": (k_rdy[:, -1:] - k_rdy[:, 1:2]) / (nb - 2),
+    }
+    print("  per block (mean): " + ", ".join(f"{n} {float(v.mean()):.2f}" for n, v in parts.items()), flush=True)
+
+
 def attn_trace() -> None:
     """The ws kernel's `trace` probe (direct path, window 128 + 512 = 10 blocks a row): per block and role, where
     the time goes (mean over all CTAs, microseconds from the SM clock, calibrated by the global timer)."""
@@ -106,47 +149,8 @@ def attn_trace() -> None:
         torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
         compat.launch(k, *args)
         torch.cuda.synchronize()
-        w = _trace_words(o, rows).cpu()
-        misc = w[:, 8]
-        ns = ((misc[:, 6] - misc[:, 5]) & 0xFFFFFFFF).double()
-        cyc = ((misc[:, 3] - misc[:, 1]) & 0xFFFFFFFF).double()
-        ghz = float((cyc / ns).median())
-        t0 = misc[:, 1:2]
-
-        def us(x):  # signed 32-bit clock difference to WG0's start
-            return (((x - t0 + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)).double() / ghz / 1e3
-
-        nb = 10
-        p_free, p_done = us(w[:, 0, :nb]), us(w[:, 1, :nb])
-        k_rdy, qk, sm, pv0 = us(w[:, 2, :nb]), us(w[:, 3, :nb]), us(w[:, 4, :nb]), us(w[:, 5, :nb])
-        s_rdy, pv1 = us(w[:, 6, :nb]), us(w[:, 7, :nb])
-        print(
-            f"b={b}{' (hot: keys from 2304 records)' if hot else ''}: SM clock {ghz:.3f} GHz; "
-            f"CTA time {float((cyc / ghz / 1e3).mean()):.2f} us (mean), "
-            f"kernel span {float((misc[:, 6].max() - misc[:, 5].min()) & 0xFFFFFFFF) / 1e3:.1f} us (global timer)"
-        )
-        print(
-            f"  producer start {float(us(misc[:, 0]).mean()):.2f}, Q loaded {float(us(misc[:, 2]).mean()):.2f}, "
-            f"producer end {float(us(misc[:, 7]).mean()):.2f}, WG1 end {float(us(misc[:, 4]).mean()):.2f}, "
-            f"CTA end {float(us(misc[:, 3]).mean()):.2f}"
-        )
-        print("  blk | P free  P done | K rdy  QK done  S done  PV0 done | S rdy  PV1 done   (us from WG0 start)")
-        for i in range(nb):
-            cols = [p_free, p_done, k_rdy, qk, sm, pv0, s_rdy, pv1]
-            v = [float(c[:, i].mean()) for c in cols]
-            print(
-                f"  {i:3d} | {v[0]:6.2f} {v[1]:6.2f} | {v[2]:6.2f} {v[3]:7.2f} {v[4]:7.2f} {v[5]:8.2f} | "
-                f"{v[6]:6.2f} {v[7]:8.2f}"
-            )
-        parts = {
-            "producer dequant+stores": (p_done - p_free)[:, 1:],
-            "QK": qk - k_rdy,
-            "softmax+S": sm - qk,
-            "PV0": pv0 - sm,
-            "PV1": pv1 - s_rdy,
-            "block period": (k_rdy[:, -1:] - k_rdy[:, 1:2]) / (nb - 2),
-        }
-        print("  per block (mean): " + ", ".join(f"{n} {float(v.mean()):.2f}" for n, v in parts.items()), flush=True)
+        nb = -(-128 // attn.BLOCK_I) + -(-ATTN_EXTRA // attn.BLOCK_I)  # blocks a row of _ws_direct_args
+        _trace_report(_trace_words(o, rows).cpu(), nb, f"b={b}{' (hot: keys from 2304 records)' if hot else ''}")
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):

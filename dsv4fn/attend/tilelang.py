@@ -201,10 +201,14 @@ WS_PASS_CONFIGS = {
     "tl.disable_warp_specialized": True,
     "tl.disable_thread_storage_sync": True,
 }
-# trace probe rows (32 blocks each): producer after k_free wait, before k_ready; WG0 after k_ready, after Q K^T,
-# before P V, after P V; WG1 after s_ready, after P V; misc (producer start, WG0 start, Q loaded, CTA end, WG1 end,
-# global timer at WG0 start and at CTA end, producer end)
-TRACE_ROWS = 9
+# trace probe: one row of stamps per event, a column per block (up to 32): the producer after its k_free wait and
+# before k_ready; WG0 after k_ready, after Q K^T, before its P V, after it; WG1 after s_ready, after its P V; then
+# one row of single stamps (TRACE_MISC columns)
+TRACE_BLOCK = ("P free", "P done", "K rdy", "QK done", "S done", "PV0 done", "S rdy", "PV1 done")
+# columns of the single-stamp row ("ns": %globaltimer, the rest %clock)
+TRACE_MISC = ("producer start", "WG0 start", "Q loaded", "CTA end", "WG1 end")
+TRACE_MISC += ("WG0 start ns", "CTA end ns", "producer end")
+TRACE_ROWS = len(TRACE_BLOCK) + 1
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
 WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
@@ -278,6 +282,7 @@ def build_attend_ws(
     TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
+    MISC = len(TRACE_BLOCK)  # the trace's row of single stamps
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
@@ -302,10 +307,10 @@ def build_attend_ws(
     NS = T.dynamic("splits")
 
     @T.macro
-    def stamp(trace_s, row, it, lead):  # (parameter named as the loop variables it gets: generated names unchanged)
+    def stamp(trace_s, row, it, lead, timer="dsv4fn_clock"):  # (`it`: named as the loop variables it gets)
         if TRACE:
             if lead:
-                trace_s[row, it] = T.call_extern("int32", "dsv4fn_clock")
+                trace_s[row, it] = T.call_extern("int32", timer)
 
     @T.macro
     def load_q(Q, Q_s, b, sq, h0):
@@ -389,7 +394,7 @@ def build_attend_ws(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
         K_s, valid_s, k_ready, k_free, p, trace_s,
     ):  # fmt: skip
-        stamp(trace_s, 8, 0, p == 0)
+        stamp(trace_s, MISC, 0, p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
         tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
@@ -430,7 +435,7 @@ def build_attend_ws(
             stamp(trace_s, 1, it, p == 0)
             T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
             T.barrier_arrive(k_ready[st])
-        stamp(trace_s, 8, 7, p == 0)
+        stamp(trace_s, MISC, 7, p == 0)
 
     @T.macro
     def consumer0(
@@ -438,12 +443,10 @@ def build_attend_ws(
         acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
-        stamp(trace_s, 8, 1, tx == 0)
-        if TRACE:
-            if tx == 0:
-                trace_s[8, 5] = T.call_extern("int32", "dsv4fn_gtimer")
+        stamp(trace_s, MISC, 1, tx == 0)
+        stamp(trace_s, MISC, 5, tx == 0, "dsv4fn_gtimer")
         load_q(Q, Q_s, b, sq, h0)
-        stamp(trace_s, 8, 2, tx == 0)
+        stamp(trace_s, MISC, 2, tx == 0)
         T.fill(acc_o, 0)
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
@@ -587,16 +590,15 @@ def build_attend_ws(
                             Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
                 else:
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
-                stamp(trace_s, 8, 4, tx == 128)
+                stamp(trace_s, MISC, 4, tx == 128)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                          K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
-                if tx == 0:
-                    trace_s[8, 3] = T.call_extern("int32", "dsv4fn_clock")
-                    trace_s[8, 6] = T.call_extern("int32", "dsv4fn_gtimer")
+                stamp(trace_s, MISC, 3, tx == 0)
+                stamp(trace_s, MISC, 6, tx == 0, "dsv4fn_gtimer")
                 T.sync_threads()
                 if tx < 32:
                     for i in T.serial(TRACE_ROWS):
