@@ -53,9 +53,10 @@ def compile_all(do_attn: bool, do_index: bool) -> None:
     print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s")
 
 
-def _attn_case(b: int, extra: int = 512):
-    """Batch b of V4-Flash decode rows: 128 window keys + `extra` compressed keys, every one valid, sink."""
-    q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, 64, 128, 512, seed=b)
+def _attn_case(b: int, extra: int = 512, h: int = 64):
+    """Batch b of V4-Flash (h 64; V4-Pro: h 128) decode rows: 128 window keys + `extra` compressed keys, every one
+    valid, sink."""
+    q, c1, i1, l1, c2, i2, l2, s = gpu_tests._attn_inputs(b, h, 128, max(512, extra), seed=b)
     l1.fill_(128)
     l2.fill_(extra)
     i1.copy_(torch.randint(0, b * 128, i1.shape, device="cuda", dtype=torch.int32))

@@ -7,7 +7,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
-    python -m bench.tilelang_profile_dev attn-trace     # attention ws: per-block timeline of every role (SM clock)
+    python -m bench.tilelang_profile_dev attn-trace [pro]  # attention ws: per-block timeline of every role (SM clock)
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -61,14 +61,14 @@ PROBES = (
 ATTN_EXTRA = 512  # compressed keys a row of _ws_direct_args (after the 128-key window)
 
 
-def _ws_direct_args(b: int):
+def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
     """A batch-b case for the ws kernel's direct path, called without the op: (kernel args with NaN-poisoned
     outputs, outputs, reference (o, lse))."""
-    q, c1, i1, l1, kw = _attn_case(b, ATTN_EXTRA)
+    q, c1, i1, l1, kw = _attn_case(b, extra, h)
     w1, h1, st1 = attn._cache_views_ws(c1.data)
     w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
     o = torch.full_like(q, float("nan"))
-    lse = torch.full((b, 64, 1), float("nan"), dtype=torch.float32, device="cuda")
+    lse = torch.full((b, h, 1), float("nan"), dtype=torch.float32, device="cuda")
     args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
@@ -134,13 +134,27 @@ def _trace_report(w: torch.Tensor, nb: int, title: str) -> None:
     print("  per block (mean): " + ", ".join(f"{n} {float(v.mean()):.2f}" for n, v in parts.items()), flush=True)
 
 
-def attn_trace() -> None:
-    """The ws kernel's `trace` probe (direct path, window 128 + 512 = 10 blocks a row): per block and role, where
+def attn_trace(config: str = "flash", *probes: str) -> None:
+    """The ws kernel's `trace` probe (direct path; flash: window 128 + 512 = 10 blocks a row, 64 heads; pro: 128 +
+    1024 = 18 blocks, 128 heads, pair mode off and on, the first head block's stamps): per block and role, where
     the time goes (mean over all CTAs, microseconds from the SM clock, calibrated by the global timer)."""
     rows = attn.TRACE_ROWS
-    k = compat.precompile([lambda: attn._attend_ws_kernel(64, 64, 64, SCALE, False, "trace")])[0]
-    for b, hot in ((128, False), (128, True), (256, False)):
-        args, (o, _), _ = _ws_direct_args(b)
+    if config == "pro":
+        h, extra, cases = 128, 1024, [(128, False, False, ""), (128, False, True, ""), (256, False, True, "")]
+    else:
+        h, extra, cases = 64, ATTN_EXTRA, [(128, False, False, ""), (128, True, False, ""), (256, False, False, "")]
+    if probes:  # development probes (wrong results) at b=128, pair mode where it applies
+        cases = [(128, False, True, pr) for pr in probes]
+    variants = sorted({(pair, pr) for *_, pair, pr in cases})
+    ks = compat.precompile(
+        [
+            lambda p=p, pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, ",".join(("trace", pr)), 64, 2, p)
+            for p, pr in variants
+        ]
+    )
+    for b, hot, pair, pr in cases:
+        k = ks[variants.index((pair, pr))]
+        args, (o, _), _ = _ws_direct_args(b, h, extra)
         if hot:  # every key drawn from 2304 records (1.3 MB): after first touch the records are L2 hits
             args[1].copy_(torch.randint(0, 256, args[1].shape, device="cuda", dtype=torch.int32))
             args[5].copy_(torch.randint(0, 2048, args[5].shape, device="cuda", dtype=torch.int32))
@@ -149,8 +163,9 @@ def attn_trace() -> None:
         torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
         compat.launch(k, *args)
         torch.cuda.synchronize()
-        nb = -(-128 // attn.BLOCK_I) + -(-ATTN_EXTRA // attn.BLOCK_I)  # blocks a row of _ws_direct_args
-        _trace_report(_trace_words(o, rows).cpu(), nb, f"b={b}{' (hot: keys from 2304 records)' if hot else ''}")
+        nb = -(-128 // attn.BLOCK_I) + -(-extra // attn.BLOCK_I)  # blocks a row of _ws_direct_args
+        title = f"{config} b={b}{' pair' if pair else ''} {pr}{' (hot: keys from 2304 records)' if hot else ''}"
+        _trace_report(_trace_words(o, rows).cpu(), nb, title)
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
@@ -350,7 +365,8 @@ def run_fused(t_: int, n: int) -> None:
 
 def main() -> None:
     cmd = sys.argv[1]
-    args = sys.argv[2:] if cmd in ("attn-scan", "attn-probe", "fused-sweep") else [int(a) for a in sys.argv[2:]]
+    text_args = ("attn-scan", "attn-probe", "fused-sweep", "attn-trace")
+    args = sys.argv[2:] if cmd in text_args else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
