@@ -7,7 +7,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
-    python -m bench.tilelang_profile_dev attn-trace [pro]  # attention ws: per-block timeline of every role (SM clock)
+    python -m bench.tilelang_profile_dev attn-trace [pro] [PROBE...]  # attention ws: per-block timeline (SM clock)
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
@@ -136,24 +136,20 @@ def _trace_report(w: torch.Tensor, nb: int, title: str) -> None:
 
 def attn_trace(config: str = "flash", *probes: str) -> None:
     """The ws kernel's `trace` probe (direct path; flash: window 128 + 512 = 10 blocks a row, 64 heads; pro: 128 +
-    1024 = 18 blocks, 128 heads, pair mode off and on, the first head block's stamps): per block and role, where
-    the time goes (mean over all CTAs, microseconds from the SM clock, calibrated by the global timer)."""
+    1024 = 18 blocks, 128 heads, the first head block's stamps): per block and role, where the time goes (mean
+    over all CTAs, microseconds from the SM clock, calibrated by the global timer). `probes`: development probes
+    (wrong results) added to the trace, each timed at b=128."""
     rows = attn.TRACE_ROWS
-    if config == "pro":
-        h, extra, cases = 128, 1024, [(128, False, False, ""), (128, False, True, ""), (256, False, True, "")]
-    else:
-        h, extra, cases = 64, ATTN_EXTRA, [(128, False, False, ""), (128, True, False, ""), (256, False, False, "")]
-    if probes:  # development probes (wrong results) at b=128, pair mode where it applies
-        cases = [(128, False, True, pr) for pr in probes]
-    variants = sorted({(pair, pr) for *_, pair, pr in cases})
+    h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
+    cases = [(128, False, ""), (128, True, ""), (256, False, "")]
+    if probes:
+        cases = [(128, False, pr) for pr in probes]
+    variants = sorted({pr for *_, pr in cases})
     ks = compat.precompile(
-        [
-            lambda p=p, pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, ",".join(("trace", pr)), 64, 2, p)
-            for p, pr in variants
-        ]
+        [lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, ",".join(("trace", pr))) for pr in variants]
     )
-    for b, hot, pair, pr in cases:
-        k = ks[variants.index((pair, pr))]
+    for b, hot, pr in cases:
+        k = ks[variants.index(pr)]
         args, (o, _), _ = _ws_direct_args(b, h, extra)
         if hot:  # every key drawn from 2304 records (1.3 MB): after first touch the records are L2 hits
             args[1].copy_(torch.randint(0, 256, args[1].shape, device="cuda", dtype=torch.int32))
@@ -164,7 +160,7 @@ def attn_trace(config: str = "flash", *probes: str) -> None:
         compat.launch(k, *args)
         torch.cuda.synchronize()
         nb = -(-128 // attn.BLOCK_I) + -(-extra // attn.BLOCK_I)  # blocks a row of _ws_direct_args
-        title = f"{config} b={b}{' pair' if pair else ''} {pr}{' (hot: keys from 2304 records)' if hot else ''}"
+        title = f"{config} b={b} {pr}{' (hot: keys from 2304 records)' if hot else ''}"
         _trace_report(_trace_words(o, rows).cpu(), nb, title)
 
 
