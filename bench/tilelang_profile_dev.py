@@ -62,14 +62,14 @@ ATTN_EXTRA = 512  # compressed keys a row of _ws_direct_args (after the 128-key 
 
 
 def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
-    """A batch-b case for the ws kernel's direct path, called without the op: (kernel args with NaN-poisoned
-    outputs, outputs, reference (o, lse))."""
+    """A batch-b case for the ws kernel's direct path (one row a CTA), called without the op: (kernel args with
+    NaN-poisoned outputs, outputs, reference (o, lse))."""
     q, c1, i1, l1, kw = _attn_case(b, extra, h)
     w1, h1, st1 = attn._cache_views_ws(c1.data)
     w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
     o = torch.full_like(q, float("nan"))
     lse = torch.full((b, h, 1), float("nan"), dtype=torch.float32, device="cuda")
-    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
+    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2, 1)
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
