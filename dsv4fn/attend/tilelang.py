@@ -526,15 +526,15 @@ def build_attend_ws(
         tx = T.get_thread_binding()
         b, sq, h0 = rows_s[jr, RC["b"]], rows_s[jr, RC["sq"]], rows_s[jr, RC["h0"]]
         cnt, g0 = rows_s[jr, RC["cnt"]], rows_s[jr, RC["start"]]
-        stamp(trace_s, MISC, 1, tx == 0)
-        stamp(trace_s, MISC, 5, tx == 0, "dsv4fn_gtimer")
+        stamp(trace_s, MISC, 1, (tx == 0) & (jr == 0))
+        stamp(trace_s, MISC, 5, (tx == 0) & (jr == 0), "dsv4fn_gtimer")
         if jr == 0:
             load_q(Q, Q_s, b, sq, h0)
         else:
             T.call_extern("handle", "dsv4fn_cp_async_wait")
             T.fence_proxy_async()  # Q_s is read by wgmma (async proxy) ...
             named_sync(WG0_BARRIER, 128)  # ... of all 128 threads
-        stamp(trace_s, MISC, 2, tx == 0)
+        stamp(trace_s, MISC, 2, (tx == 0) & (jr == 0))
         T.fill(acc_o, 0)
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
