@@ -61,15 +61,15 @@ PROBES = (
 ATTN_EXTRA = 512  # compressed keys a row of _ws_direct_args (after the 128-key window)
 
 
-def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA, rows: int = 1):
-    """A batch-b case for the ws kernel's direct path (`rows` rows a CTA), called without the op: (kernel args with
-    NaN-poisoned outputs, outputs, reference (o, lse))."""
+def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
+    """A batch-b case for the ws kernel's direct path, called without the op: (kernel args with NaN-poisoned
+    outputs, outputs, reference (o, lse))."""
     q, c1, i1, l1, kw = _attn_case(b, extra, h)
     w1, h1, st1 = attn._cache_views_ws(c1.data)
     w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
     o = torch.full_like(q, float("nan"))
     lse = torch.full((b, h, 1), float("nan"), dtype=torch.float32, device="cuda")
-    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2, rows)
+    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
@@ -138,21 +138,19 @@ def attn_trace(config: str = "flash", *probes: str) -> None:
     """The ws kernel's `trace` probe (direct path; flash: window 128 + 512 = 10 blocks a row, 64 heads; pro: 128 +
     1024 = 18 blocks, 128 heads, the first head block's stamps): per block and role, where the time goes (mean
     over all CTAs, microseconds from the SM clock, calibrated by the global timer). `probes`: development probes
-    (wrong results) added to the trace, each timed at b=128; "rows=N": b=256 with N rows a CTA (the stamps of a
-    CTA's blocks over its first row's output)."""
+    (wrong results) added to the trace, each timed at b=128."""
     rows = attn.TRACE_ROWS
     h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
     cases = [(128, False, ""), (128, True, ""), (256, False, "")]
     if probes:
-        cases = [(256 if pr.startswith("rows=") else 128, False, pr) for pr in probes]
-    variants = sorted({"" if pr.startswith("rows=") else pr for *_, pr in cases})
+        cases = [(128, False, pr) for pr in probes]
+    variants = sorted({pr for *_, pr in cases})
     ks = compat.precompile(
         [lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, ",".join(("trace", pr))) for pr in variants]
     )
     for b, hot, pr in cases:
-        per_cta = int(pr[5:]) if pr.startswith("rows=") else 1
-        k = ks[variants.index("" if per_cta > 1 or pr.startswith("rows=") else pr)]
-        args, (o, _), _ = _ws_direct_args(b, h, extra, per_cta)
+        k = ks[variants.index(pr)]
+        args, (o, _), _ = _ws_direct_args(b, h, extra)
         if hot:  # every key drawn from 2304 records (1.3 MB): after first touch the records are L2 hits
             args[1].copy_(torch.randint(0, 256, args[1].shape, device="cuda", dtype=torch.int32))
             args[5].copy_(torch.randint(0, 2048, args[5].shape, device="cuda", dtype=torch.int32))
@@ -163,7 +161,7 @@ def attn_trace(config: str = "flash", *probes: str) -> None:
         torch.cuda.synchronize()
         nb = -(-128 // attn.BLOCK_I) + -(-extra // attn.BLOCK_I)  # blocks a row of _ws_direct_args
         title = f"{config} b={b} {pr}{' (hot: keys from 2304 records)' if hot else ''}"
-        _trace_report(_trace_words(o[::per_cta], rows).cpu(), min(nb * per_cta, 32), title)
+        _trace_report(_trace_words(o, rows).cpu(), nb, title)
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):

@@ -4,7 +4,6 @@ For V4-Flash (or V4-Pro) decode at 64k (the harness's `attend` case), each batch
 heuristic (`choose_splits`) and with forced split counts around it (`dsv4fn.attend.tilelang.FORCE_SPLITS`),
 every variant checked against the reference first. Timer: `graphflush` (one call replayed from a CUDA graph, L2
 flushed before each replay). Usage: python -m bench.tilelang_splits_dev [flash|pro]
-       python -m bench.tilelang_splits_dev rows [B...]   # ws direct path: one row a CTA vs rows_per_cta
 """
 
 import sys
@@ -23,34 +22,8 @@ CANDIDATES = {
 }
 
 
-def rows(batches: list[int]) -> None:
-    """The ws direct path with one row a CTA (FORCE_ROWS=1) and with the rows_per_cta heuristic, V4-Flash and
-    V4-Pro, against FlashMLA; each variant checked first."""
-    dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name()}; graphflush us; rows a CTA: 1 / heuristic, vs FlashMLA")
-    for config, h in (("flash", 64), ("pro", 128)):
-        for b in batches or (64, 128, 200, 256):
-            bench = SETUPS["attend"](Case("attend", config, "decode", b, 65536), dev)
-            run_peer, check_peer = bench.peers["flashmla"]()
-            assert check_peer(run_peer())[0]
-            peer = graphflush_us(run_peer, rep_ms=20)
-            line = [f"{config} b={b:<4d} rows={tla.rows_per_cta(b, 1, h)} FlashMLA {peer:6.1f}"]
-            for forced in (1, None):
-                tla.FORCE_ROWS = forced
-                fn = bench.make("tilelang", False)
-                ok, detail = bench.check(bench.make("tilelang", True)())
-                t = graphflush_us(fn, rep_ms=20)
-                name = "rows=1" if forced else "heur"
-                line.append(f"{name} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL ' + str(detail)[:80]}")
-            tla.FORCE_ROWS = None
-            print(" | ".join(line), flush=True)
-
-
 def main() -> None:
     config = sys.argv[1] if len(sys.argv) > 1 else "flash"
-    if config == "rows":
-        rows([int(a) for a in sys.argv[2:]])
-        return
     dev = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}; V4-{config}; graphflush us; heuristic = choose_splits")
     for b, cands in CANDIDATES[config].items():

@@ -100,19 +100,6 @@ def test_attention_matches_reference(b, h, k2):
     _check_attn(ref_attention(q, c1, i1, l1, **kw), attn.sparse_attention(q, c1, i1, l1, **kw))
 
 
-@pytest.mark.parametrize("rows", [2, 3, 32])
-@pytest.mark.parametrize(("h", "b"), [(64, 101), (128, 53)], ids=["flash", "pro"])
-def test_attention_rows_per_cta(rows, h, b, monkeypatch):
-    """Direct-path CTAs walking several rows in turn (forced): the last CTA short of rows, empty, full and
-    one-key rows among them, V4-Pro's two head blocks of a request in one CTA or in two; every element checked
-    against the reference (fresh outputs are NaN-filled: conftest)."""
-    monkeypatch.setattr(attn, "FORCE_ROWS", rows)
-    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, h, 128, 512, seed=rows + h)
-    assert attn.choose_splits(b, 1, h, 128, 512, "ws") == 1
-    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
-    _check_attn(ref_attention(q, c1, i1, l1, **kw), attn.sparse_attention(q, c1, i1, l1, **kw))
-
-
 def _exact_dequant_inputs(n: int, seed: int) -> torch.Tensor:
     """Tokens whose 64-wide tiles span 2^-20 .. 2^25: e4m3 subnormals (scale at its 1e-4 floor) and UE8M0
     bytes above 142 (tile amax > 448 * 2^15), the two edges of the kernel's exact dequantization."""

@@ -62,7 +62,6 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
-FORCE_ROWS: int | None = None  # bench knob: rows a CTA of the ws kernel's direct path (None = rows_per_cta)
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -172,31 +171,6 @@ __device__ __forceinline__ int dsv4fn_gtimer() {
 __device__ __forceinline__ unsigned short dsv4fn_half_word(int v, int hi) {
   return static_cast<unsigned short>(static_cast<unsigned>(v) >> (16 * hi));
 }
-// exclusive prefix sum of v over the warp's lanes (every lane calls it)
-__device__ __forceinline__ int dsv4fn_warp_excl_scan(int v) {
-  const int lane = static_cast<int>(threadIdx.x & 31u);
-  int x = v;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, d);
-    if (lane >= d) x += y;
-  }
-  return x - v;
-}
-// the number of lower lanes of the warp whose `pred` is set (every lane calls it)
-__device__ __forceinline__ int dsv4fn_warp_rank(int pred) {
-  const unsigned below = __ballot_sync(0xffffffffu, pred != 0) & ((1u << (threadIdx.x & 31u)) - 1u);
-  return __popc(below);
-}
-// 16 bytes global -> shared, asynchronously (zeros when `ok` is 0: nothing is read); cp_async_wait: all done
-__device__ __forceinline__ void dsv4fn_cp_async16(void* dst, const void* src, int ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-               : : "r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))), "l"(src), "r"(ok ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void dsv4fn_cp_async_wait() {
-  asm volatile("cp.async.wait_all;" : : : "memory");
-}
 // 1 when any lane of the warp holds a scale byte > 142 (bytes 0..6 of its 8-byte scale record a|b)
 __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
@@ -235,13 +209,6 @@ TRACE_BLOCK = ("P free", "P done", "K rdy", "QK done", "S done", "PV0 done", "S 
 TRACE_MISC = ("producer start", "WG0 start", "Q loaded", "CTA end", "WG1 end")
 TRACE_MISC += ("WG0 start ns", "CTA end ns", "producer end")
 TRACE_ROWS = len(TRACE_BLOCK) + 1
-# the ws kernel's per-CTA row table (rows_s [ROWS_MAX, len(ROW_COLS)] int32, filled by warp 0 at the start): a
-# direct-path CTA may own up to ROWS_MAX consecutive (request, query, head block) rows and walks their blocks as
-# one sequence, so its producer runs on into the next row while the consumers finish the last
-ROWS_MAX = 32
-ROW_COLS = ("b", "sq", "h0", "n1", "n2", "nb1", "blk0", "cnt", "start")
-# the producer's copy: rows with blocks only, in order; a block g of row j is list block g + off (g < end)
-PROD_COLS = ("b", "sq", "n1", "n2", "nb1", "off", "end")
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
 WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
@@ -328,8 +295,6 @@ def build_attend_ws(
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2)
     bf16, f32, i32, i64 = T.bfloat16, T.float32, T.int32, T.int64
-    RC = {name: i for i, name in enumerate(ROW_COLS)}
-    PC = {name: i for i, name in enumerate(PROD_COLS)}
 
     B = T.dynamic("batch")
     SQ = T.dynamic("s_q")
@@ -344,7 +309,7 @@ def build_attend_ws(
     @T.macro
     def stamp(trace_s, row, it, lead, timer="dsv4fn_clock"):  # (`it`: named as the loop variables it gets)
         if TRACE:
-            if lead & (it < 32):
+            if lead:
                 trace_s[row, it] = T.call_extern("int32", timer)
 
     @T.macro
@@ -425,30 +390,10 @@ def build_attend_ws(
     dequant_big = make_dequant_store("dsv4fn_dq16_big")
 
     @T.macro
-    def follow(prod_s, g, cur, prm):
-        # a producer cursor (row cur[0], its PROD_COLS in prm) moved on to the CTA's block g (one block at a time;
-        # every row of prod_s has a block)
-        if g >= prm[PC["end"]]:
-            cur[0] = cur[0] + 1
-            for k in T.unroll(len(PROD_COLS)):
-                prm[k] = prod_s[cur[0], k]
-
-    @T.macro
-    def fetch_at(Idx1, Idx2, g, prm, tok0, ixn):
-        # the indices of this thread's keys of the CTA's block g (prm: its row)
-        fetch_indices(Idx1, Idx2, prm[PC["b"]], prm[PC["sq"]], prm[PC["nb1"]], g + prm[PC["off"]], tok0, ixn)
-
-    @T.macro
-    def issue_at(C1w, C1h, C2w, C2h, rpp1, rpp2, g, prm, tok0, c, r, ixn, ok, raw, rp, sc):
-        # the loads of register set r for the CTA's block g (prm: its row)
-        issue_block_loads(
-            C1w, C1h, C2w, C2h, rpp1, rpp2, prm[PC["n1"]], prm[PC["n2"]], prm[PC["nb1"]], g + prm[PC["off"]],
-            tok0, c, r, ixn, ok, raw, rp, sc,
-        )  # fmt: skip
-
-    @T.macro
-    def producer(Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, prod_s, total, K_s, valid_s, k_ready, k_free, p,
-                 trace_s):  # fmt: skip
+    def producer(
+        Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+        K_s, valid_s, k_ready, k_free, p, trace_s,
+    ):  # fmt: skip
         stamp(trace_s, MISC, 0, p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
@@ -459,32 +404,19 @@ def build_attend_ws(
         ixn = T.alloc_local([R], i32)
         ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
-        # two cursors over the CTA's rows (registers): the block whose indices are fetched, the block loaded
-        fcur = T.alloc_local([1], i32)
-        lcur = T.alloc_local([1], i32)
-        fprm = T.alloc_local([len(PROD_COLS)], i32)
-        lprm = T.alloc_local([len(PROD_COLS)], i32)
-        fcur[0] = 0
-        lcur[0] = 0
-        for k in T.unroll(len(PROD_COLS)):
-            fprm[k] = prod_s[0, k]
-            lprm[k] = prod_s[0, k]
-        # Software pipeline over the CTA's blocks (all its rows in turn): key r of block g+1 is loaded into the
-        # registers that key r of block g has just been dequantized from, so loads stay in flight while this
-        # warpgroup dequantizes; the indices are fetched one block further ahead.
-        if total > 0:
-            fetch_at(Idx1, Idx2, 0, fprm, tok0, ixn)
+        # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
+        # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
+        if cnt > 0:
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
             for r in T.unroll(R):
-                issue_at(C1w, C1h, C2w, C2h, rpp1, rpp2, 0, lprm, tok0, c, r, ixn, ok, raw, rp, sc)
-            if total > 1:
-                follow(prod_s, 1, fcur, fprm)
-                fetch_at(Idx1, Idx2, 1, fprm, tok0, ixn)
-        for g in T.serial(total):
-            st = g % KS
-            barrier_wait(k_free, st, ((g // KS) % 2) ^ 1)
-            stamp(trace_s, 0, g, p == 0)
-            if g + 1 < total:
-                follow(prod_s, g + 1, lcur, lprm)
+                issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc)
+            if cnt > 1:
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
+        for it in T.serial(cnt):
+            blk = blk0 + it
+            st = it % KS
+            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
+            stamp(trace_s, 0, it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
                 if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
@@ -494,62 +426,39 @@ def build_attend_ws(
                     dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
                     dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
-                if g + 1 < total:
-                    issue_at(C1w, C1h, C2w, C2h, rpp1, rpp2, g + 1, lprm, tok0, c, r, ixn, ok, raw, rp, sc)
-            if g + 2 < total:
-                follow(prod_s, g + 2, fcur, fprm)
-                fetch_at(Idx1, Idx2, g + 2, fprm, tok0, ixn)
-            stamp(trace_s, 1, g, p == 0)
+                if it + 1 < cnt:
+                    issue_block_loads(
+                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
+                    )
+            if it + 2 < cnt:
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
+            stamp(trace_s, 1, it, p == 0)
             T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
             T.barrier_arrive(k_ready[st])
         stamp(trace_s, MISC, 7, p == 0)
 
     @T.macro
-    def prefetch_q(Q, Q_s, b, sq, h0, tx):
-        # the CTA's next row's Q into Q_s by cp.async, once every warp's last Q K^T of this row is done with it
-        named_sync(WG0_BARRIER, 128)
-        for k in T.unroll(HB * D // 8 // 128):
-            i = (k * 128 + tx) // (D // 8)
-            d = (k * 128 + tx) % (D // 8) * 8
-            T.call_extern(
-                "handle", "dsv4fn_cp_async16", T.address_of(Q_s[i, d]), T.address_of(Q[b, sq, T.min(h0 + i, h - 1), d]),
-                T.if_then_else(h0 + i < h, 1, 0),
-            )  # fmt: skip
-
-    @T.macro
     def consumer0(
-        Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, rows_s, jr, nrows,
+        Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
         acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
-        # row jr of the CTA: its blocks are the CTA's blocks g0 .. g0 + cnt - 1 (barrier phases count from the CTA's
-        # first). Row 0's Q is loaded here; a later row's was prefetched into Q_s during the row before.
         tx = T.get_thread_binding()
-        b, sq, h0 = rows_s[jr, RC["b"]], rows_s[jr, RC["sq"]], rows_s[jr, RC["h0"]]
-        cnt, g0 = rows_s[jr, RC["cnt"]], rows_s[jr, RC["start"]]
-        stamp(trace_s, MISC, 1, (tx == 0) & (jr == 0))
-        stamp(trace_s, MISC, 5, (tx == 0) & (jr == 0), "dsv4fn_gtimer")
-        if jr == 0:
-            load_q(Q, Q_s, b, sq, h0)
-        else:
-            T.call_extern("handle", "dsv4fn_cp_async_wait")
-            T.fence_proxy_async()  # Q_s is read by wgmma (async proxy) ...
-            named_sync(WG0_BARRIER, 128)  # ... of all 128 threads
-        stamp(trace_s, MISC, 2, (tx == 0) & (jr == 0))
+        stamp(trace_s, MISC, 1, tx == 0)
+        stamp(trace_s, MISC, 5, tx == 0, "dsv4fn_gtimer")
+        load_q(Q, Q_s, b, sq, h0)
+        stamp(trace_s, MISC, 2, tx == 0)
         T.fill(acc_o, 0)
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
         for it in T.serial(cnt):
-            g = g0 + it
-            st = g % KS
-            barrier_wait(k_ready, st, (g // KS) % 2)
-            stamp(trace_s, 2, g, tx == 0)
+            st = it % KS
+            barrier_wait(k_ready, st, (it // KS) % 2)
+            stamp(trace_s, 2, it, tx == 0)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
             if "no_qk" not in probes:
                 T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            stamp(trace_s, 3, g, tx == 0)
-            if (it == cnt - 1) & (jr + 1 < nrows):  # Q_s is free: the next row's Q comes in under this block
-                prefetch_q(Q, Q_s, rows_s[jr + 1, RC["b"]], rows_s[jr + 1, RC["sq"]], rows_s[jr + 1, RC["h0"]], tx)
+            stamp(trace_s, 3, it, tx == 0)
             if "no_softmax" not in probes:
                 softmax_update(acc_s, m_i, m_prev, alpha, sumexp, sum_i)
             else:
@@ -557,45 +466,35 @@ def build_attend_ws(
                     alpha[i] = 1.0
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
-            if g > 0:
-                barrier_wait(s_free, 0, (g - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block g-1
+            if it > 0:
+                barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
             T.copy(alpha, alpha_s)
             T.copy(acc_s, S_s)
             T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
             T.barrier_arrive(s_ready)
             named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
-            stamp(trace_s, 4, g, tx == 0)
+            stamp(trace_s, 4, it, tx == 0)
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
-            stamp(trace_s, 5, g, tx == 0)
+            stamp(trace_s, 5, it, tx == 0)
             T.barrier_arrive(k_free[st])
-        if (cnt == 0) & (jr + 1 < nrows):  # an empty row: no block to hide the next Q under
-            prefetch_q(Q, Q_s, rows_s[jr + 1, RC["b"]], rows_s[jr + 1, RC["sq"]], rows_s[jr + 1, RC["h0"]], tx)
 
     @T.macro
-    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, g0, acc_o, alpha, trace_s):
+    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
         tx = T.get_thread_binding()
         T.fill(acc_o, 0)
         for it in T.serial(cnt):
-            g = g0 + it
-            st = g % KS
-            barrier_wait(s_ready, 0, g % 2)
-            stamp(trace_s, 6, g, tx == 128)
+            st = it % KS
+            barrier_wait(s_ready, 0, it % 2)
+            stamp(trace_s, 6, it, tx == 128)
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
-            stamp(trace_s, 7, g, tx == 128)
+            stamp(trace_s, 7, it, tx == 128)
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
-
-    @T.macro
-    def store_direct(Out, acc_o, fac, b, sq, h0, d0):
-        # one warpgroup's half of the bf16 output straight from the wgmma fragment (4-byte stores)
-        for i, d in T.Parallel(HB, DH):
-            if h0 + i < h:
-                Out[b, sq, h0 + i, d0 + d] = T.cast(acc_o[i, d] * fac[i], bf16)
 
     @T.macro
     def store_half(Out, Q_s, acc_o, fac, b, sq, h0, d0, bar):
@@ -603,7 +502,9 @@ def build_attend_ws(
         # Q K^T is done), then written as whole rows (16-byte stores; straight from the wgmma fragment each
         # thread would store 4 bytes into each of 8 rows, half of every 32-byte sector)
         if PAD_HEADS:
-            store_direct(Out, acc_o, fac, b, sq, h0, d0)
+            for i, d in T.Parallel(HB, DH):
+                if h0 + i < h:
+                    Out[b, sq, h0 + i, d0 + d] = T.cast(acc_o[i, d] * fac[i], bf16)
         else:
             for i, d in T.Parallel(HB, DH):
                 Q_s[i, d0 + d] = T.cast(acc_o[i, d] * fac[i], bf16)
@@ -612,14 +513,10 @@ def build_attend_ws(
                 Out[b, sq, h0 + i, d0 + d] = Q_s[i, d0 + d]
 
     def kernel_body(split_mode: bool):
-        """The shared prologue / role split as a macro taking the epilogue outputs. The CTA owns rows (request,
-        query, head block) items cta * rows .. cta * rows + rows - 1 of the flattened batch (split mode: one row,
-        part sp of nsplit of its blocks)."""
+        """The shared prologue / role split as a macro taking the epilogue outputs."""
 
         @T.macro
-        def body(
-            Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, cta, rows, sp, nsplit, Sink, Out, L,
-        ):  # fmt: skip
+        def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L):
             T.import_source(WS_DEVICE_SRC)
             Q_s = T.alloc_shared([HB, D], bf16)
             K_s = T.alloc_shared([KS, BI, D], bf16)
@@ -627,49 +524,20 @@ def build_attend_ws(
             valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            rows_s = T.alloc_shared([ROWS_MAX, len(ROW_COLS)], i32)
-            prod_s = T.alloc_shared([ROWS_MAX, len(PROD_COLS)], i32)
-            total_s = T.alloc_shared([1], i32)
             k_ready = T.alloc_barrier([128] * KS)
             k_free = T.alloc_barrier([256] * KS)
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
-            epi = T.alloc_barrier(128)  # warpgroup 0's output scale of a row is in fac_s
+            epi = T.alloc_barrier(128)
             trace_s = T.alloc_shared([TRACE_ROWS if TRACE else 1, 32], i32)  # (unused, dropped, without the probe)
             tx = T.get_thread_binding()
-            items = B * SQ * NHB
-            nrows = T.max(T.min(rows, items - cta * rows), 0)
-            if tx < 32:  # the row table: one lane a row, its blocks' place in the CTA's sequence by a warp scan
-                item = T.min(cta * rows + tx, items - 1)
-                rb = item // (SQ * NHB)
-                n1 = T.max(T.min(Len1[rb], K1), 0)
-                n2 = T.max(T.min(Len2[rb], K2), 0)
-                nb1 = T.ceildiv(n1, BI)
-                nb = nb1 + T.ceildiv(n2, BI)
-                per = T.ceildiv(nb, nsplit)
-                cnt = T.if_then_else(tx < nrows, T.max(T.min(nb - sp * per, per), 0), 0)
-                start = T.call_extern("int32", "dsv4fn_warp_excl_scan", cnt)
-                rows_s[tx, RC["b"]] = rb
-                rows_s[tx, RC["sq"]] = item // NHB % SQ
-                rows_s[tx, RC["h0"]] = item % NHB * HB
-                rows_s[tx, RC["n1"]] = n1
-                rows_s[tx, RC["n2"]] = n2
-                rows_s[tx, RC["nb1"]] = nb1
-                rows_s[tx, RC["blk0"]] = sp * per
-                rows_s[tx, RC["cnt"]] = cnt
-                rows_s[tx, RC["start"]] = start
-                k = T.call_extern("int32", "dsv4fn_warp_rank", cnt > 0)
-                if cnt > 0:  # the producer's table: rows with blocks only
-                    prod_s[k, PC["b"]] = rb
-                    prod_s[k, PC["sq"]] = item // NHB % SQ
-                    prod_s[k, PC["n1"]] = n1
-                    prod_s[k, PC["n2"]] = n2
-                    prod_s[k, PC["nb1"]] = nb1
-                    prod_s[k, PC["off"]] = sp * per - start
-                    prod_s[k, PC["end"]] = start + cnt
-                if tx == 31:
-                    total_s[0] = start + cnt
-            T.sync_threads()
+            n1 = T.max(T.min(Len1[b], K1), 0)
+            n2 = T.max(T.min(Len2[b], K2), 0)
+            nb1 = T.ceildiv(n1, BI)
+            nb = nb1 + T.ceildiv(n2, BI)
+            per = T.ceildiv(nb, nsplit)
+            blk0 = sp * per
+            cnt = T.max(T.min(nb - blk0, per), 0)
             if tx < 128:
                 T.set_max_nreg(REG_WG0, 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
@@ -680,64 +548,54 @@ def build_attend_ws(
                 sum_i = T.alloc_fragment([HB], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
-                for j in T.serial(nrows):
-                    b, sq, h0 = rows_s[j, RC["b"]], rows_s[j, RC["sq"]], rows_s[j, RC["h0"]]
-                    consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, rows_s, j, nrows,
-                              acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
-                    if split_mode:
-                        for i in T.Parallel(HB):
-                            fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
-                    else:
-                        for i in T.Parallel(HB):
-                            alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
-                            fac[i] = T.if_then_else(
-                                sumexp[i] != 0,
-                                1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i]))),
-                                0.0,
+                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
+                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
+                if split_mode:
+                    for i in T.Parallel(HB):
+                        fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
+                else:
+                    for i in T.Parallel(HB):
+                        alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
+                        fac[i] = T.if_then_else(
+                            sumexp[i] != 0,
+                            1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i]))),
+                            0.0,
+                        )
+                T.copy(fac, fac_s)
+                T.barrier_arrive(epi)
+                if split_mode:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, sp, h0 + i, d] = acc_o[i, d] * fac[i]
+                    for i in T.Parallel(HB):
+                        if h0 + i < h:
+                            L[b, sq, sp, h0 + i] = T.if_then_else(
+                                sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
                             )
-                    T.copy(fac, fac_s)
-                    T.barrier_arrive(epi)
-                    if split_mode:
-                        for i, d in T.Parallel(HB, DH):
-                            if h0 + i < h:
-                                Out[b, sq, sp, h0 + i, d] = acc_o[i, d] * fac[i]
-                        for i in T.Parallel(HB):
-                            if h0 + i < h:
-                                L[b, sq, sp, h0 + i] = T.if_then_else(
-                                    sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
-                                )
-                    else:
-                        if j + 1 < nrows:  # Q_s holds the next row's Q
-                            store_direct(Out, acc_o, fac, b, sq, h0, 0)
-                        else:
-                            store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
-                        for i in T.Parallel(HB):
-                            if h0 + i < h:
-                                L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
+                else:
+                    store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
+                    for i in T.Parallel(HB):
+                        if h0 + i < h:
+                            L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
             elif tx < 256:
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                for j in T.serial(nrows):
-                    b, sq, h0 = rows_s[j, RC["b"]], rows_s[j, RC["sq"]], rows_s[j, RC["h0"]]
-                    consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, rows_s[j, RC["cnt"]],
-                              rows_s[j, RC["start"]], acc_o, alpha, trace_s)  # fmt: skip
-                    barrier_wait(epi, 0, j % 2)
-                    T.copy(fac_s, alpha)
-                    if split_mode:
-                        for i, d in T.Parallel(HB, DH):
-                            if h0 + i < h:
-                                Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
-                    elif j + 1 < nrows:  # Q_s holds the next row's Q
-                        store_direct(Out, acc_o, alpha, b, sq, h0, DH)
-                    else:
-                        store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
+                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
+                barrier_wait(epi, 0, 0)
+                T.copy(fac_s, alpha)
+                if split_mode:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
+                else:
+                    store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
                 stamp(trace_s, MISC, 4, tx == 128)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
-                producer(Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, prod_s, total_s[0], K_s, valid_s, k_ready, k_free,
-                         tx - 256, trace_s)  # fmt: skip
-            if TRACE:  # every role's stamps over the CTA's first row's output (rows of int32 words), after its stores
+                producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
+            if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
                 stamp(trace_s, MISC, 3, tx == 0)
                 stamp(trace_s, MISC, 6, tx == 0, "dsv4fn_gtimer")
@@ -745,8 +603,8 @@ def build_attend_ws(
                 if tx < 32:
                     for i in T.serial(TRACE_ROWS):
                         for w in T.unroll(2):
-                            Out[rows_s[0, RC["b"]], rows_s[0, RC["sq"]], rows_s[0, RC["h0"]] + i, 2 * tx + w] = (
-                                T.reinterpret(T.call_extern("uint16", "dsv4fn_half_word", trace_s[i, tx], w), bf16)
+                            Out[b, sq, h0 + i, 2 * tx + w] = T.reinterpret(
+                                T.call_extern("uint16", "dsv4fn_half_word", trace_s[i, tx], w), bf16
                             )
 
         return body
@@ -771,8 +629,8 @@ def build_attend_ws(
             rpp2: T.int32,
         ):
             with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
-                body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, (b * SQ + sq) * NHB + bx % NHB, 1,
-                     bx // NHB, NS, None, Opart, Lpart)  # fmt: skip
+                body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx % NHB) * HB, bx // NHB, NS,
+                     None, Opart, Lpart)  # fmt: skip
 
         return attend_ws_partial
 
@@ -794,10 +652,9 @@ def build_attend_ws(
         Lse: T.Tensor[(B, h, SQ), f32],
         rpp1: T.int32,
         rpp2: T.int32,
-        rows: T.int32,
     ):
-        with T.Kernel(T.ceildiv(B * SQ * NHB, rows), threads=WS_THREADS) as bx:
-            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, bx, rows, 0, 1, Sink, O, Lse)
+        with T.Kernel(NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
+            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse)
 
     return attend_ws_direct
 
@@ -1061,17 +918,6 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
     return max(1, min(blocks, math.ceil(NUM_SMS_TARGET / programs), 16))
 
 
-def rows_per_cta(b: int, s_q: int, h: int) -> int:
-    """Rows (request, query, head block) a CTA of the ws kernel's direct path walks in turn (host arithmetic, from
-    shapes): one while they fit in one wave of CTAs, else as few as make one wave (ceil(rows / 132), at most
-    ROWS_MAX), so every SM starts once and runs on from row to row without a second prologue. V4-Flash b=256:
-    2 rows (128 CTAs); V4-Pro b=128: 2, b=256: 4."""
-    if FORCE_ROWS is not None:
-        return max(1, min(int(FORCE_ROWS), ROWS_MAX))
-    rows = b * s_q * ((h + HEAD_BLOCK - 1) // HEAD_BLOCK)
-    return max(1, min(math.ceil(rows / NUM_SMS_TARGET), ROWS_MAX))
-
-
 def _check_geometry(cache: PagedKVCache) -> None:
     if cache.rope_dim != 64 or cache.nope_dim % 64 != 0 or cache.tile != 64 or cache.nope_dim < 64:
         raise ValueError(
@@ -1131,8 +977,7 @@ def tl_sparse_attention(
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if comb is None:
-        rows = (rows_per_cta(b, s_q, h),) if impl == "ws" else ()
-        launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2, *rows)
+        launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2)
     else:
         opart = torch.empty((b, s_q, splits, h, d), dtype=torch.float32, device=q.device)
         lpart = torch.empty((b, s_q, splits, h), dtype=torch.float32, device=q.device)
