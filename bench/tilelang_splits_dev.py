@@ -4,7 +4,6 @@ For V4-Flash (or V4-Pro) decode at 64k (the harness's `attend` case), each batch
 heuristic (`choose_splits`) and with forced split counts around it (`dsv4fn.attend.tilelang.FORCE_SPLITS`),
 every variant checked against the reference first. Timer: `graphflush` (one call replayed from a CUDA graph, L2
 flushed before each replay). Usage: python -m bench.tilelang_splits_dev [flash|pro]
-       python -m bench.tilelang_splits_dev options OPT... [B...]   # ws build options (WS_OPTIONS) vs none
 """
 
 import sys
@@ -23,34 +22,8 @@ CANDIDATES = {
 }
 
 
-def options(opts: list[str], batches: list[int]) -> None:
-    """The op with the ws kernel's build options (tla.WS_OPTIONS: "" and each of `opts`), V4-Flash and V4-Pro,
-    heuristic splits, against FlashMLA; each variant checked first."""
-    dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name()}; graphflush us; ws options {['', *opts]} vs FlashMLA")
-    for config in ("flash", "pro"):
-        for b in batches or (1, 32, 64, 128, 256):
-            bench = SETUPS["attend"](Case("attend", config, "decode", b, 65536), dev)
-            run_peer, check_peer = bench.peers["flashmla"]()
-            assert check_peer(run_peer())[0]
-            peer = graphflush_us(run_peer, rep_ms=20)
-            line = [f"{config} b={b:<4d} FlashMLA {peer:6.1f}"]
-            for opt in ("", *opts):
-                tla.WS_OPTIONS = opt
-                fn = bench.make("tilelang", False)
-                ok, detail = bench.check(bench.make("tilelang", True)())
-                t = graphflush_us(fn, rep_ms=20)
-                line.append(f"{opt or 'base'} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL ' + str(detail)[:80]}")
-            tla.WS_OPTIONS = ""
-            print(" | ".join(line), flush=True)
-
-
 def main() -> None:
     config = sys.argv[1] if len(sys.argv) > 1 else "flash"
-    if config == "options":  # options OPT[,OPT] ... [B ...]
-        args = sys.argv[2:]
-        options([a for a in args if not a.isdigit()], [int(a) for a in args if a.isdigit()])
-        return
     dev = torch.device("cuda")
     print(f"device {torch.cuda.get_device_name()}; V4-{config}; graphflush us; heuristic = choose_splits")
     for b, cands in CANDIDATES[config].items():

@@ -62,7 +62,6 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
-WS_OPTIONS = ""  # bench knob: build_attend_ws options for the op's kernels (comma list, e.g. "defer_q")
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -216,13 +215,11 @@ WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
 @functools.cache
 def _kernels(
-    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
-    options: str = "",
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
 ):  # fmt: skip
-    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch; `options`:
-    the ws kernel's build options)."""
+    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch)."""
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split, options)
+        main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -285,9 +282,6 @@ def build_attend_ws(
     TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
-    # option defer_q (correct results): warpgroup 0 loads Q only once the producer has issued its first block's
-    # loads, so the CTA's 64 KB of Q does not queue ahead of the lengths -> indices -> records chain
-    DEFER_Q = "defer_q" in probes
     MISC = len(TRACE_BLOCK)  # the trace's row of single stamps
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
@@ -398,7 +392,7 @@ def build_attend_ws(
     @T.macro
     def producer(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, p, trace_s, q_go,
+        K_s, valid_s, k_ready, k_free, p, trace_s,
     ):  # fmt: skip
         stamp(trace_s, MISC, 0, p == 0)
         lane = p % 32
@@ -418,9 +412,6 @@ def build_attend_ws(
                 issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc)
             if cnt > 1:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
-        if DEFER_Q:
-            if p == 0:
-                T.barrier_arrive(q_go[0])
         for it in T.serial(cnt):
             blk = blk0 + it
             st = it % KS
@@ -449,13 +440,11 @@ def build_attend_ws(
     @T.macro
     def consumer0(
         Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s, q_go,
+        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
         stamp(trace_s, MISC, 1, tx == 0)
         stamp(trace_s, MISC, 5, tx == 0, "dsv4fn_gtimer")
-        if DEFER_Q:
-            barrier_wait(q_go, 0, 0)
         load_q(Q, Q_s, b, sq, h0)
         stamp(trace_s, MISC, 2, tx == 0)
         T.fill(acc_o, 0)
@@ -540,7 +529,6 @@ def build_attend_ws(
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
             epi = T.alloc_barrier(128)
-            q_go = T.alloc_barrier(1) if DEFER_Q else None  # defer_q: the producer has issued its first loads
             trace_s = T.alloc_shared([TRACE_ROWS if TRACE else 1, 32], i32)  # (unused, dropped, without the probe)
             tx = T.get_thread_binding()
             n1 = T.max(T.min(Len1[b], K1), 0)
@@ -561,7 +549,7 @@ def build_attend_ws(
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
                 consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s, q_go)  # fmt: skip
+                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
@@ -606,7 +594,7 @@ def build_attend_ws(
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s, q_go)  # fmt: skip
+                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
                 stamp(trace_s, MISC, 3, tx == 0)
@@ -976,7 +964,7 @@ def tl_sparse_attention(
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, WS_OPTIONS
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
