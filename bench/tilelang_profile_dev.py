@@ -138,29 +138,32 @@ def attn_trace(config: str = "flash", *probes: str) -> None:
     """The ws kernel's `trace` probe (direct path; flash: window 128 + 512 = 10 blocks a row, 64 heads; pro: 128 +
     1024 = 18 blocks, 128 heads, the first head block's stamps): per block and role, where the time goes (mean
     over all CTAs, microseconds from the SM clock, calibrated by the global timer). `probes`: development probes
-    (wrong results) added to the trace, each timed at b=128."""
+    (wrong results) added to the trace, each timed at b=128; "warm": b=128 with every key drawn from ~16 MB of
+    records that the warm-up calls leave in L2 (no flush before the traced call; ~3 CTAs read each record)."""
     rows = attn.TRACE_ROWS
     h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
     cases = [(128, False, ""), (128, True, ""), (256, False, "")]
     if probes:
-        cases = [(128, False, pr) for pr in probes]
-    variants = sorted({pr for *_, pr in cases})
+        cases = [(128, pr == "warm", pr) for pr in probes]
+    variants = sorted({"" if pr == "warm" else pr for *_, pr in cases})
     ks = compat.precompile(
         [lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, ",".join(("trace", pr))) for pr in variants]
     )
     for b, hot, pr in cases:
-        k = ks[variants.index(pr)]
+        k = ks[variants.index("" if pr == "warm" else pr)]
         args, (o, _), _ = _ws_direct_args(b, h, extra)
-        if hot:  # every key drawn from 2304 records (1.3 MB): after first touch the records are L2 hits
-            args[1].copy_(torch.randint(0, 256, args[1].shape, device="cuda", dtype=torch.int32))
-            args[5].copy_(torch.randint(0, 2048, args[5].shape, device="cuda", dtype=torch.int32))
-        for _ in range(3):  # warm-up, then one cold call (L2 flushed) that is read back
+        warm = pr == "warm"
+        if hot:  # hot: every key from 2304 records (1.3 MB); warm: from 28672 (16 MB)
+            args[1].copy_(torch.randint(0, 4096 if warm else 256, args[1].shape, device="cuda", dtype=torch.int32))
+            args[5].copy_(torch.randint(0, 24576 if warm else 2048, args[5].shape, device="cuda", dtype=torch.int32))
+        for _ in range(3):  # warm-up, then one cold call (L2 flushed; warm: not flushed) that is read back
             compat.launch(k, *args)
-        torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
+        if not warm:
+            torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
         compat.launch(k, *args)
         torch.cuda.synchronize()
         nb = -(-128 // attn.BLOCK_I) + -(-extra // attn.BLOCK_I)  # blocks a row of _ws_direct_args
-        title = f"{config} b={b} {pr}{' (hot: keys from 2304 records)' if hot else ''}"
+        title = f"{config} b={b} {pr}{' (hot: keys from 2304 records)' if hot and not warm else ''}"
         _trace_report(_trace_words(o, rows).cpu(), nb, title)
 
 
