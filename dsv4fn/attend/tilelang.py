@@ -307,10 +307,20 @@ def build_attend_ws(
     NS = T.dynamic("splits")
 
     @T.macro
-    def stamp(trace_s, row, it, lead, timer="dsv4fn_clock"):  # (`it`: named as the loop variables it gets)
+    def stamp(trace_s, event, it, lead):  # (`it`: named as the loop variables it gets)
+        # trace probe: the SM clock at TRACE_BLOCK `event` of block it, by the thread where `lead` holds
         if TRACE:
             if lead:
-                trace_s[row, it] = T.call_extern("int32", timer)
+                trace_s[TRACE_BLOCK.index(event), it] = T.call_extern("int32", "dsv4fn_clock")
+
+    @T.macro
+    def stamp_once(trace_s, name, lead):
+        # trace probe: the single stamp TRACE_MISC `name` (the global timer for names ending in " ns")
+        if TRACE:
+            if lead:
+                trace_s[MISC, TRACE_MISC.index(name)] = T.call_extern(
+                    "int32", "dsv4fn_gtimer" if name.endswith(" ns") else "dsv4fn_clock"
+                )
 
     @T.macro
     def load_q(Q, Q_s, b, sq, h0):
@@ -394,7 +404,7 @@ def build_attend_ws(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
         K_s, valid_s, k_ready, k_free, p, trace_s,
     ):  # fmt: skip
-        stamp(trace_s, MISC, 0, p == 0)
+        stamp_once(trace_s, "producer start", p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
         tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
@@ -416,7 +426,7 @@ def build_attend_ws(
             blk = blk0 + it
             st = it % KS
             barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
-            stamp(trace_s, 0, it, p == 0)
+            stamp(trace_s, "P free", it, p == 0)
             for r in T.unroll(R):
                 # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
                 if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
@@ -432,10 +442,10 @@ def build_attend_ws(
                     )
             if it + 2 < cnt:
                 fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
-            stamp(trace_s, 1, it, p == 0)
+            stamp(trace_s, "P done", it, p == 0)
             T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
             T.barrier_arrive(k_ready[st])
-        stamp(trace_s, MISC, 7, p == 0)
+        stamp_once(trace_s, "producer end", p == 0)
 
     @T.macro
     def consumer0(
@@ -443,22 +453,22 @@ def build_attend_ws(
         acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
-        stamp(trace_s, MISC, 1, tx == 0)
-        stamp(trace_s, MISC, 5, tx == 0, "dsv4fn_gtimer")
+        stamp_once(trace_s, "WG0 start", tx == 0)
+        stamp_once(trace_s, "WG0 start ns", tx == 0)
         load_q(Q, Q_s, b, sq, h0)
-        stamp(trace_s, MISC, 2, tx == 0)
+        stamp_once(trace_s, "Q loaded", tx == 0)
         T.fill(acc_o, 0)
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(k_ready, st, (it // KS) % 2)
-            stamp(trace_s, 2, it, tx == 0)
+            stamp(trace_s, "K rdy", it, tx == 0)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
             if "no_qk" not in probes:
                 T.gemm(Q_s, K_s[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            stamp(trace_s, 3, it, tx == 0)
+            stamp(trace_s, "QK done", it, tx == 0)
             if "no_softmax" not in probes:
                 softmax_update(acc_s, m_i, m_prev, alpha, sumexp, sum_i)
             else:
@@ -473,10 +483,10 @@ def build_attend_ws(
             T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
             T.barrier_arrive(s_ready)
             named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
-            stamp(trace_s, 4, it, tx == 0)
+            stamp(trace_s, "S done", it, tx == 0)
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
-            stamp(trace_s, 5, it, tx == 0)
+            stamp(trace_s, "PV0 done", it, tx == 0)
             T.barrier_arrive(k_free[st])
 
     @T.macro
@@ -486,13 +496,13 @@ def build_attend_ws(
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(s_ready, 0, it % 2)
-            stamp(trace_s, 6, it, tx == 128)
+            stamp(trace_s, "S rdy", it, tx == 128)
             T.copy(alpha_s, alpha)
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
-            stamp(trace_s, 7, it, tx == 128)
+            stamp(trace_s, "PV1 done", it, tx == 128)
             T.barrier_arrive(s_free)
             T.barrier_arrive(k_free[st])
 
@@ -590,15 +600,15 @@ def build_attend_ws(
                             Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
                 else:
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
-                stamp(trace_s, MISC, 4, tx == 128)
+                stamp_once(trace_s, "WG1 end", tx == 128)
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                          K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
-                stamp(trace_s, MISC, 3, tx == 0)
-                stamp(trace_s, MISC, 6, tx == 0, "dsv4fn_gtimer")
+                stamp_once(trace_s, "CTA end", tx == 0)
+                stamp_once(trace_s, "CTA end ns", tx == 0)
                 T.sync_threads()
                 if tx < 32:
                     for i in T.serial(TRACE_ROWS):
