@@ -134,37 +134,47 @@ def _trace_report(w: torch.Tensor, nb: int, title: str) -> None:
     print("  per block (mean): " + ", ".join(f"{n} {float(v.mean()):.2f}" for n, v in parts.items()), flush=True)
 
 
+# key pools of attn-trace: (main records, extra records) every index is drawn from; None = the whole case
+HOT_POOL = (256, 2048)  # 2304 records (1.3 MB): L2 hits after first touch, ~35 CTAs a record
+WARM_POOL = (4096, 24576)  # 28672 records (16 MB): left in L2 by the warm-up calls, ~3 CTAs a record
+
+
 def attn_trace(config: str = "flash", *probes: str) -> None:
     """The ws kernel's `trace` probe (direct path; flash: window 128 + 512 = 10 blocks a row, 64 heads; pro: 128 +
     1024 = 18 blocks, 128 heads, the first head block's stamps): per block and role, where the time goes (mean
-    over all CTAs, microseconds from the SM clock, calibrated by the global timer). `probes`: development probes
-    (wrong results) added to the trace, each timed at b=128; "warm": b=128 with every key drawn from ~16 MB of
-    records that the warm-up calls leave in L2 (no flush before the traced call; ~3 CTAs read each record)."""
+    over all CTAs, microseconds from the SM clock, calibrated by the global timer). Default cases: b=128 cold,
+    b=128 hot (HOT_POOL, L2 flushed before the traced call), b=256 cold. `probes`: development probes (wrong
+    results) added to the trace, each at b=128; "warm": b=128 from WARM_POOL, no flush before the traced call."""
     rows = attn.TRACE_ROWS
     h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
-    cases = [(128, False, ""), (128, True, ""), (256, False, "")]
+    # (batch, key pool, kernel probe, flush L2 before the traced call, title)
+    cases = [
+        (128, None, "", True, ""),
+        (128, HOT_POOL, "", True, " (hot: keys from 2304 records)"),
+        (256, None, "", True, ""),
+    ]
     if probes:
-        cases = [(128, pr == "warm", pr) for pr in probes]
-    variants = sorted({"" if pr == "warm" else pr for *_, pr in cases})
+        cases = [
+            (128, WARM_POOL, "", False, " warm") if pr == "warm" else (128, None, pr, True, f" {pr}") for pr in probes
+        ]
+    variants = sorted({pr for _, _, pr, _, _ in cases})
     ks = compat.precompile(
         [lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, ",".join(("trace", pr))) for pr in variants]
     )
-    for b, hot, pr in cases:
-        k = ks[variants.index("" if pr == "warm" else pr)]
+    for b, pool, pr, flush, title in cases:
+        k = ks[variants.index(pr)]
         args, (o, _), _ = _ws_direct_args(b, h, extra)
-        warm = pr == "warm"
-        if hot:  # hot: every key from 2304 records (1.3 MB); warm: from 28672 (16 MB)
-            args[1].copy_(torch.randint(0, 4096 if warm else 256, args[1].shape, device="cuda", dtype=torch.int32))
-            args[5].copy_(torch.randint(0, 24576 if warm else 2048, args[5].shape, device="cuda", dtype=torch.int32))
-        for _ in range(3):  # warm-up, then one cold call (L2 flushed; warm: not flushed) that is read back
+        if pool is not None:
+            args[1].copy_(torch.randint(0, pool[0], args[1].shape, device="cuda", dtype=torch.int32))
+            args[5].copy_(torch.randint(0, pool[1], args[5].shape, device="cuda", dtype=torch.int32))
+        for _ in range(3):  # warm-up, then the traced call that is read back
             compat.launch(k, *args)
-        if not warm:
+        if flush:
             torch.empty(256 << 20, dtype=torch.int8, device="cuda").zero_()
         compat.launch(k, *args)
         torch.cuda.synchronize()
         nb = -(-128 // attn.BLOCK_I) + -(-extra // attn.BLOCK_I)  # blocks a row of _ws_direct_args
-        title = f"{config} b={b} {pr}{' (hot: keys from 2304 records)' if hot and not warm else ''}"
-        _trace_report(_trace_words(o, rows).cpu(), nb, title)
+        _trace_report(_trace_words(o, rows).cpu(), nb, f"{config} b={b}{title}")
 
 
 def _fused_parts(q8, w, cache, pt, req, vis, n, tiling):
