@@ -61,7 +61,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
-WS_DQ: str = os.environ.get("DSV4FN_TL_DQ", "f2fp")  # EXPERIMENT: "prmt" | "f2fp" (read at import)
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
@@ -141,49 +140,6 @@ __device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* ou
 __device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
   dsv4fn_dq16_impl<true>(raw, sbyte, out);
 }
-// The same without the fp8 conversion unit: PRMT sign-extends each e4m3 byte b = s eeee mmm to a 16-bit half,
-// << 4 and & 0x87F0 leave s 0000 eeee mmm 0000, the bf16 bits of the value * 2^-120 (subnormal for e = 0,
-// exactly as e4m3's own subnormals); then * 2^(s-7) in bf16, a power of two in range while s <= 134
-// (BIG: 2^(min(s,134)-7) * 2^(s-134)). 4 integer/half ops a pair, no F2FP.
-template <bool BIG>
-__device__ __forceinline__ void dsv4fn_dq16p_impl(const void* raw_, int sbyte, void* out_) {
-  const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
-  unsigned* out = reinterpret_cast<unsigned*>(out_);
-  const unsigned s = static_cast<unsigned>(sbyte) & 255u;
-  unsigned fa = ((BIG && s > 134u ? 134u : s) + 120u) << 7;
-  fa |= fa << 16;
-  unsigned fb = ((s > 134u ? s : 134u) - 7u) << 7;
-  fb |= fb << 16;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    unsigned p0, p1;
-    asm("prmt.b32 %0, %2, 0, 0x9180;\n prmt.b32 %1, %2, 0, 0xB3A2;" : "=r"(p0), "=r"(p1) : "r"(raw[i]));
-    unsigned v0 = dsv4fn_bf16x2_mul((p0 << 4) & 0x87F087F0u, fa);
-    unsigned v1 = dsv4fn_bf16x2_mul((p1 << 4) & 0x87F087F0u, fa);
-    if (BIG) {
-      v0 = dsv4fn_bf16x2_mul(v0, fb);
-      v1 = dsv4fn_bf16x2_mul(v1, fb);
-    }
-    out[2 * i] = v0;
-    out[2 * i + 1] = v1;
-  }
-}
-__device__ __forceinline__ void dsv4fn_dq16p(const void* raw, int sbyte, void* out) {
-  dsv4fn_dq16p_impl<false>(raw, sbyte, out);  // every scale byte of the warp's keys is <= 134
-}
-__device__ __forceinline__ void dsv4fn_dq16p_big(const void* raw, int sbyte, void* out) {
-  dsv4fn_dq16p_impl<true>(raw, sbyte, out);
-}
-// 1 when any lane of the warp holds a scale byte > 134 (bytes 0..6 of its 8-byte scale record a|b)
-__device__ __forceinline__ int dsv4fn_warp_any_big134(int a, int b) {
-  const unsigned m0 = static_cast<unsigned>(a), m1 = static_cast<unsigned>(b) & 0x00FFFFFFu;
-  int big = 0;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) big |= static_cast<int>(((m0 >> (8 * k)) & 255u) > 134u);
-#pragma unroll
-  for (int k = 0; k < 3; ++k) big |= static_cast<int>(((m1 >> (8 * k)) & 255u) > 134u);
-  return __any_sync(0xffffffffu, big);
-}
 // development probes (build_attend_ws probe="no_cvt" / "no_sts"; wrong results by design)
 __device__ __forceinline__ void dsv4fn_dq16_nocvt(const void* raw_, int sbyte, void* out_) {
   const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
@@ -259,12 +215,11 @@ WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 
 @functools.cache
 def _kernels(
-    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
-    dq: str = "f2fp",
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
 ):  # fmt: skip
     """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch)."""
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split, "prmt" if dq == "prmt" else "")
+        main = _attend_ws_kernel(h, p1, p2, scale, split)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -441,10 +396,8 @@ def build_attend_ws(
 
         return dequant_store
 
-    PRMT = "prmt" in probes
-    dequant_fast = make_dequant_store("dsv4fn_dq16p" if PRMT else "dsv4fn_dq16")
-    dequant_big = make_dequant_store("dsv4fn_dq16p_big" if PRMT else "dsv4fn_dq16_big")
-    any_big = "dsv4fn_warp_any_big134" if PRMT else "dsv4fn_warp_any_big"
+    dequant_fast = make_dequant_store("dsv4fn_dq16")
+    dequant_big = make_dequant_store("dsv4fn_dq16_big")
 
     @T.macro
     def producer(
@@ -479,7 +432,7 @@ def build_attend_ws(
                 if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
                     if c == 0:
                         valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
-                elif T.call_extern("int32", any_big, sc[r, 0], sc[r, 1]) != 0:
+                elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
                     dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
                 else:
                     dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
@@ -1021,7 +974,7 @@ def tl_sparse_attention(
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, WS_DQ
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
