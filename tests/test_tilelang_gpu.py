@@ -162,11 +162,37 @@ def test_attention_cuda_graph_and_side_stream():
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
 
 
+def test_attention_pair_mode_matches_unpaired(monkeypatch):
+    """V4-Pro's direct path runs paired (a 2-CTA cluster: each CTA dequantizes half of every block's keys and
+    bulk-copies it into the peer's K tile): the same tiles and math as the unpaired kernel, so the same bits -
+    with holes, empty and one-key rows, NaN-poisoned slots past each length - eagerly and replayed from a CUDA
+    graph with new queries."""
+    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(70, 128, 128, 1024, seed=21)
+    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+    assert attn.choose_splits(70, 1, 128, 128, 1024, "ws") == 1 and attn._pair_mode(False)
+    paired = attn.sparse_attention(q, c1, i1, l1, **kw)
+    _check_attn(ref_attention(q, c1, i1, l1, **kw), paired)
+    monkeypatch.setattr(attn, "WS_PAIR", "off")
+    unpaired = attn.sparse_attention(q, c1, i1, l1, **kw)
+    assert torch.equal(paired[0], unpaired[0]) and torch.equal(paired[1], unpaired[1])
+    monkeypatch.setattr(attn, "WS_PAIR", "direct")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn.sparse_attention(q, c1, i1, l1, **kw)
+    q.copy_(torch.randn_like(q.float()).to(torch.bfloat16))
+    out[0].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(attn, "WS_PAIR", "off")
+    again = attn.sparse_attention(q, c1, i1, l1, **kw)
+    assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
+
+
 def test_no_recompile_per_batch_size():
     """Batch, query count, index widths, cache sizes and split count are symbolic: new sizes reuse the
     compiled kernels (TileLang's JIT caches and `_kernels` do not grow)."""
     jits = (attn._attend_ws_kernel, attn._combine_kernel, idx._logits_kernel)
-    before = [len(j._kernel_cache) for j in jits], attn._kernels.cache_info().currsize
+    before = [len(j._kernel_cache) for j in jits], attn._kernels_for.cache_info().currsize
     for b, k2 in ((3, 64), (5, 192), (100, 128), (101, 320)):  # split (3 and 5 splits) and direct
         q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, 64, 128, k2, seed=b)
         kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
@@ -175,7 +201,7 @@ def test_no_recompile_per_batch_size():
         q8, w, cache, pt, req, vis = _indexer_inputs(t, n, seed=t)
         idx.paged_logits(q8, w, cache, pt, req, vis, n)
     torch.cuda.synchronize()
-    assert ([len(j._kernel_cache) for j in jits], attn._kernels.cache_info().currsize) == before
+    assert ([len(j._kernel_cache) for j in jits], attn._kernels_for.cache_info().currsize) == before
 
 
 def test_attention_opcheck():

@@ -4,6 +4,7 @@ dequantization trick of the warp-specialised attention kernel is checked bit for
 `_tilelang_compat` workarounds behave. A kernel that stops compiling fails here."""
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def _body(src: str) -> str:
     ids=["flash", "flash-split", "pro", "96heads-split", "8heads"],
 )
 def test_attention_ws_lowers(h, split):
-    src = _lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS)
+    """The unpaired kernel (V4-Pro's direct path runs paired by default: test_attention_ws_pair_mode_lowers)."""
+    src = _lower(attn.build_attend_ws(h, 64, 64, SCALE, split, pair=False), attn.WS_PASS_CONFIGS)
     body = _body(src)
     assert ("attend_ws_partial_kernel" if split else "attend_ws_direct_kernel") in src
     assert "__launch_bounds__(384, 1)" in src
@@ -53,6 +55,29 @@ def test_attention_ws_lowers(h, split):
     # a __syncthreads inside one warpgroup's branch would deadlock)
     assert body.count("__syncthreads()") == 1
     assert "__sync_thread_partial" not in body
+
+
+def test_attention_ws_pair_mode_lowers():
+    """V4-Pro's direct path (two head blocks, one split) runs as a 2-CTA cluster: each producer dequantizes its 32
+    keys a block and one thread bulk-copies them (8 x 4 KB of the 128B-swizzled tile + 128 bytes of flags) into the
+    peer's tile, the bytes counted on the peer's k_remote; the split paths stay unpaired."""
+    assert attn._pair_mode(False) and not attn._pair_mode(True)  # WS_PAIR = "direct"
+    src = _lower(attn.build_attend_ws(128, 64, 64, SCALE, False), attn.WS_PASS_CONFIGS)
+    body = _body(src)
+    assert "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes" in src
+    # the K tile layout the half copies rely on: 64-column chunks of 64 rows x 128 bytes, 128B swizzle
+    assert "initialize_wgmma_descriptor<1, 1, 64>(desc_b, (&(((bfloat16_t*)K_s)[0])))" in body
+    # a copy of each chunk's half, stage 0 and (+32768 halves) stage 1 of the unrolled two-block ring: rows 32 rank ..
+    # 32 rank + 31 of chunk t start at t * 4096 + rank * 2048 halves and span 4096 bytes; then the 32 flags
+    kv = r"K_s\)\[\(+t_\d+ \* 4096\) \+ \(\(\(int\)blockIdx\.x\) \* 2048\)\)( \+ 32768\))?\]\)\), 4096,"
+    flags = r"valid_s\)\[\(+\(int\)blockIdx\.x\) \* 32\)( \+ 64\))?\]\)\), 128,"
+    assert re.findall(kv, body) == ["", " + 32768)"] and re.findall(flags, body) == ["", " + 64)"]
+    assert body.count("dsv4fn_bulk_to_peer(") == 4
+    assert "k_remote[" in body and "dsv4fn_arrive_expect_tx(" in body and "dsv4fn_arrive_rank(" in body
+    assert "tl::cluster_sync()" in body and "dsv4fn_dq16(" in body
+    for h, split in ((128, True), (64, False)):  # split paths unpaired; one head block: nothing to pair
+        other = _body(_lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS))
+        assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other
 
 
 def test_attention_ws_block_variants_lower_and_bounds():

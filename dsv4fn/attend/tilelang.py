@@ -28,6 +28,15 @@ main (window) + extra (compressed) index lists, each cut at its length:
   has 3 mantissa bits, so no bit is lost and no intermediate is subnormal), then one bf16x2 multiply
   by 2^(s-15) (two when the UE8M0 byte s > 142) - exact, 4 integer/half ops per 2 values instead of
   the 3 float conversions of the e4m3 -> fp32 -> bf16 route.
+  Pair mode (V4-Pro's direct path: two head blocks, one KV split; WS_PAIR): a row's two CTAs run as a 2-CTA
+  cluster. Each producer dequantizes only its half of every block's keys (keys 32 rank .. 32 rank + 31) into its
+  own K tile, then one thread copies that half (8 x 4 KB: the half's rows of each 64-column chunk of the
+  128B-swizzled tile, and its 32 valid flags) into the peer's tile with `cp.async.bulk` shared::cta ->
+  shared::cluster, the bytes counted on the peer's `k_remote` mbarrier (one expect_tx arrival a block). A K tile
+  is free once both CTAs' consumers have released it (`k_free`: one remote arrival per consumer warpgroup and
+  CTA). Loads run two blocks ahead (one key a thread and block, two register sets). The per-thread `st.async`
+  of FlashMLA's protocol cost the producer as much as the halved conversion saved (session 7); one bulk copy
+  a half-chunk does not. Split paths stay unpaired (slower paired: fewer blocks a CTA to amortise the cluster).
 ``"legacy"``: the first kernel (one 256-thread program per row and head block, gathers and
 dequantizes synchronously); kept for comparison and for other geometries.
 
@@ -62,6 +71,9 @@ LN2 = 0.6931471805599453
 
 ATTN_IMPL: str = os.environ.get("DSV4FN_TL_ATTENTION", "ws")  # "ws" | "legacy"
 FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (None = heuristic)
+# ws kernel with two head blocks (V4-Pro): where a row's two CTAs share its keys as a 2-CTA cluster (pair mode):
+# "direct" (the one-split path, b >= 64: faster there), "all" (split paths too: slower there), "off" (bench knob)
+WS_PAIR = "direct"
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -157,6 +169,31 @@ __device__ __forceinline__ int dsv4fn_fold8(const void* v_) {
   for (int i = 0; i < 8; ++i) x ^= v[i];
   return static_cast<int>(x);
 }
+// pair mode (V4-Pro's direct path: a row's two head-block CTAs form a 2-CTA cluster; each producer dequantizes
+// half of every block's keys and copies that half into the peer's K tile): shared::cluster addresses
+__device__ __forceinline__ unsigned dsv4fn_cluster_addr(const void* p, int rank) {
+  unsigned r;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(r) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "r"(rank));
+  return r;
+}
+// one arrival on the mbarrier at `bar`'s offset in cluster CTA `rank` (default release.cta, as CUTLASS)
+__device__ __forceinline__ void dsv4fn_arrive_rank(void* bar, int rank) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];"
+               : : "r"(dsv4fn_cluster_addr(bar, rank)) : "memory");
+}
+// one arrival on this CTA's mbarrier that also expects `bytes` more transaction bytes
+__device__ __forceinline__ void dsv4fn_arrive_expect_tx(void* bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               : : "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))), "r"(bytes) : "memory");
+}
+// `bytes` of this CTA's shared memory at `src` copied by the bulk-copy engine to the same offset in the peer
+// CTA's, completing as transaction bytes on the peer mbarrier `peer_bar` (a shared::cluster address)
+__device__ __forceinline__ void dsv4fn_bulk_to_peer(const void* src, int bytes, unsigned peer_bar, int peer) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(src));
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               : : "r"(dsv4fn_cluster_addr(src, peer)), "r"(s), "r"(bytes), "r"(peer_bar) : "memory");
+}
 // development probe "trace": SM clock and global timer stamps, written out as raw 32-bit words
 __device__ __forceinline__ int dsv4fn_clock() {
   int c;
@@ -211,15 +248,29 @@ TRACE_MISC += ("WG0 start ns", "CTA end ns", "producer end")
 TRACE_ROWS = len(TRACE_BLOCK) + 1
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
 WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
+PRODUCER_BARRIER = 3  # named barrier of the producer warpgroup (pair mode: its half of a K tile written)
 
 
-@functools.cache
+def _pair_mode(split: bool) -> bool:
+    """Whether the ws kernel runs two head blocks as a pair (WS_PAIR) on this path."""
+    return WS_PAIR == "all" or (WS_PAIR == "direct" and not split)
+
+
 def _kernels(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
 ):  # fmt: skip
-    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch)."""
+    """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch), the ws
+    kernel's pair mode as WS_PAIR has it now."""
+    return _kernels_for(impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split))
+
+
+@functools.cache
+def _kernels_for(
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool,
+    pair: bool,
+):  # fmt: skip
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split)
+        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -228,9 +279,10 @@ def _kernels(
 
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
+    pair: bool | None = None,
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -272,14 +324,16 @@ def _online_softmax(HB: int, BI: int, sl2: float):
 
 
 def build_attend_ws(
-    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2
+    h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
+    pair: bool | None = None,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
-    keys (32 or 64) on a ring of `stages` bf16 K tiles. `probe`
-    (development only, wrong results): comma list of stages left out, to time the rest (bench/
+    keys (32 or 64) on a ring of `stages` bf16 K tiles; `pair`: pair mode for two head blocks (module docstring;
+    None: where WS_PAIR puts it).
+    `probe` (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
-    no_sts (converted, not stored); trace (SM clock stamps of every role and block, written over the output:
-    TRACE_ROWS)."""
+    no_sts (converted, not stored); pair mode: no_remote (no half copied to the peer); trace (SM clock stamps of
+    every role and block, written over the output: TRACE_ROWS)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
     MISC = len(TRACE_BLOCK)  # the trace's row of single stamps
@@ -287,10 +341,23 @@ def build_attend_ws(
     RECW = WS_REC // 4  # record in 32-bit words (144)
     RECH = WS_REC // 2  # record in bf16 halves (288)
     HB, BI, KS = HEAD_BLOCK, bi, stages
-    R = BI // 32  # keys per producer thread and block
     if BI not in (32, 64) or not 2 <= KS <= 4:
         raise ValueError(f"ws attention: blocks of 32 or 64 keys on 2-4 stages, got {BI} x {KS}")
     NHB = (h + HB - 1) // HB
+    # pair mode (two head blocks, 64-key blocks): the row's two CTAs form a 2-CTA cluster; CTA `rank` dequantizes
+    # keys 32 rank .. 32 rank + 31 of every block into its own K tile, then one thread copies that half (rows
+    # 32 rank .. 32 rank + 31 of each 64-column chunk of the 128B-swizzled tile: 8 x 4 KB) and its 32 valid flags
+    # into the peer's tile (cp.async.bulk shared::cta -> shared::cluster), the bytes counted on the peer's k_remote
+    PAIR = (_pair_mode(split) if pair is None else pair) and NHB == 2 and BI == 64
+    # A producer thread's register sets (raw words, rope, scales): one per key of its block (keys tok0 + 32 r),
+    # or in pair mode (one key a block) one per block of a two-block ring (loads in flight two blocks ahead).
+    # `ixn` holds the indices of the next block to be loaded (this thread's keys).
+    R = 2 if PAIR else BI // 32
+    PEER_TX = (BI // 2) * (D * 2 + 4)  # bytes the peer copies into a K tile and its flags (its 32 keys)
+    BULK = "no_remote" not in probes and "no_sts" not in probes
+    if not BULK:
+        PEER_TX = 0
+    CLUSTER = (2, 1, 1) if PAIR else None
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2)
@@ -332,20 +399,29 @@ def build_attend_ws(
         T.fence_proxy_async()  # Q_s is read by wgmma (async proxy) ...
         named_sync(WG0_BARRIER, 128)  # ... of all 128 threads
 
+    AHEAD = R if PAIR else 1  # blocks loaded ahead of the one being dequantized
+
+    def ixv(ixn, r):  # the index of register set r's key (an expression: no let binding in the unpaired kernel)
+        return ixn[0] if PAIR else ixn[r]
+
+    def kofs(r):  # the key (tok0 + kofs) of register set r
+        return 0 if PAIR else 32 * r
+
     @T.macro
     def fetch_indices(Idx1, Idx2, b, sq, nb1, blk, tok0, ixn):
-        # indices of this thread's two keys of block `blk` (main list first, then extra)
-        for r in T.unroll(R):
+        # indices of this thread's keys of block `blk` (main list first, then extra)
+        for r in T.unroll(1 if PAIR else R):
             if blk < nb1:
-                ixn[r] = Idx1[b, sq, T.min(blk * BI + tok0 + 32 * r, K1 - 1)]
+                ixn[r] = Idx1[b, sq, T.min(blk * BI + (tok0 + 32 * r) % BI, K1 - 1)]
             else:
-                ixn[r] = Idx2[b, sq, T.min((blk - nb1) * BI + tok0 + 32 * r, K2 - 1)]
+                ixn[r] = Idx2[b, sq, T.min((blk - nb1) * BI + (tok0 + 32 * r) % BI, K2 - 1)]
 
     @T.macro
     def issue_loads(Cw, Ch, P, rpp, n, col0, tok0, c, r, ixn, ok, raw, rp, sc):
-        # all loads of this thread's key r (tok0 + 32 r) of a block, predicated on validity (zeros otherwise)
-        ok[r] = T.if_then_else((col0 + tok0 + 32 * r < n) & (ixn[r] >= 0), 1, 0)
-        slot = T.max(ixn[r], 0)
+        # all loads of this thread's key (tok0 + kofs(r)) of a block into register set r, predicated on validity
+        # (zeros otherwise)
+        ok[r] = T.if_then_else((col0 + tok0 + kofs(r) < n) & (ixv(ixn, r) >= 0), 1, 0)
+        slot = T.max(ixv(ixn, r), 0)
         prow = T.cast(slot // P, i64) * rpp
         row = prow + slot % P
         for t in T.unroll(NT):
@@ -373,7 +449,7 @@ def build_attend_ws(
             issue_loads(C2w, C2h, p2, rpp2, n2, (blk - nb1) * BI, tok0, c, r, ixn, ok, raw, rp, sc)
 
     def make_dequant_store(fn: str):
-        """Macro: dequantize this thread's key r from registers into K_s[st] with the extern `fn`."""
+        """Macro: dequantize register set r (key tok0 + kofs(r)) into K_s[st] with the extern `fn`."""
         if "no_cvt" in probes:
             fn = "dsv4fn_dq16_nocvt"
 
@@ -384,15 +460,15 @@ def build_attend_ws(
                               T.address_of(outb[0]))  # fmt: skip
                 if "no_sts" in probes:  # the values stay live (folded into one word), the K tile is not written
                     if c == 0:
-                        valid_s[st, tok0 + 32 * r] = T.call_extern("int32", "dsv4fn_fold8", T.address_of(outb[0]))
+                        valid_s[st, tok0 + kofs(r)] = T.call_extern("int32", "dsv4fn_fold8", T.address_of(outb[0]))
                 else:
                     for v in T.vectorized(16):
-                        K_s[st, tok0 + 32 * r, t * 64 + c * 16 + v] = outb[v]
+                        K_s[st, tok0 + kofs(r), t * 64 + c * 16 + v] = outb[v]
             for t in T.unroll(2):
                 for v in T.vectorized(8):
-                    K_s[st, tok0 + 32 * r, NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
+                    K_s[st, tok0 + kofs(r), NOPE + t * 32 + c * 8 + v] = rp[r, t, v]
             if c == 0:
-                valid_s[st, tok0 + 32 * r] = ok[r]
+                valid_s[st, tok0 + kofs(r)] = ok[r]
 
         return dequant_store
 
@@ -400,56 +476,124 @@ def build_attend_ws(
     dequant_big = make_dequant_store("dsv4fn_dq16_big")
 
     @T.macro
+    def produce(
+        it, sets, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt, K_s, valid_s, k_ready,
+        k_free, k_remote, p, trace_s, tok0, c, peer, ixn, ok, raw, rp, sc, outb, peer_bar,
+    ):  # fmt: skip
+        # block it: wait for its K tile, dequantize register sets `sets` (None: all R, T.unroll) into it, reload
+        # each set with the block AHEAD later as soon as it is dequantized, fetch the indices after that, signal
+        # the tile
+        blk = blk0 + it
+        st = it % KS
+        if PAIR:  # both CTAs' consumers are done with tile st (theirs: this producer writes into both)
+            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)  # (remote arrivals; a CTA-scope wait, as CUTLASS's)
+            if p == 0:  # the peer's half of this CTA's tile arrives as bulk-copy bytes
+                T.call_extern("handle", "dsv4fn_arrive_expect_tx", T.address_of(k_remote[st]), PEER_TX)
+            peer_bar[0] = T.call_extern("uint32", "dsv4fn_cluster_addr", T.address_of(k_remote[st]), peer)
+        else:
+            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
+        stamp(trace_s, "P free", it, p == 0)
+        for r in T.unroll(R) if sets is None else sets:
+            # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
+            if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
+                if c == 0:
+                    valid_s[st, tok0 + kofs(r)] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
+            elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
+                dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
+            else:
+                dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
+            if it + AHEAD < cnt:
+                issue_block_loads(
+                    C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + AHEAD, tok0, c, r, ixn, ok, raw, rp, sc
+                )  # fmt: skip
+        if it + AHEAD + 1 < cnt:
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk + AHEAD + 1, tok0, ixn)
+        stamp(trace_s, "P done", it, p == 0)
+        T.fence_proxy_async()  # K_s is read by wgmma and (pair mode) by the bulk copy (async proxy)
+        if PAIR:
+            if BULK:
+                named_sync(PRODUCER_BARRIER, 128)  # this CTA's half of tile st is written
+                if p == 0:
+                    for t in T.unroll(D // 64):
+                        T.call_extern(
+                            "handle", "dsv4fn_bulk_to_peer", T.address_of(K_s[st, 32 * (1 - peer), t * 64]),
+                            BI // 2 * 128, peer_bar[0], peer,
+                        )  # fmt: skip
+                    T.call_extern(
+                        "handle", "dsv4fn_bulk_to_peer", T.address_of(valid_s[st, 32 * (1 - peer)]), BI // 2 * 4,
+                        peer_bar[0], peer,
+                    )  # fmt: skip
+        T.barrier_arrive(k_ready[st])
+
+    @T.macro
     def producer(
         Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-        K_s, valid_s, k_ready, k_free, p, trace_s,
+        K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, rank,
     ):  # fmt: skip
         stamp_once(trace_s, "producer start", p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
-        tok0 = (p // 32) * 8 + lane % 8  # keys tok0 and tok0 + 32 of every block
+        # keys tok0 and tok0 + 32 of every block (pair mode: key tok0 only, in the upper half for rank 1)
+        tok0 = (p // 32) * 8 + lane % 8 + (32 * rank if PAIR else 0)
+        peer = 1 - rank
         raw = T.alloc_local([R, NT, 4], i32)
         rp = T.alloc_local([R, 2, 8], bf16)
         sc = T.alloc_local([R, 2], i32)
-        ixn = T.alloc_local([R], i32)
+        ixn = T.alloc_local([1 if PAIR else R], i32)
         ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
-        # Software pipeline over keys: key r of block it+1 is loaded into the registers that key r of block
-        # it has just been dequantized from, so loads stay in flight while this warpgroup dequantizes.
-        if cnt > 0:
-            fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
-            for r in T.unroll(R):
-                issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc)
-            if cnt > 1:
-                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
-        for it in T.serial(cnt):
-            blk = blk0 + it
-            st = it % KS
-            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
-            stamp(trace_s, "P free", it, p == 0)
-            for r in T.unroll(R):
-                # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
-                if "no_dq" in probes:  # (the loaded words are still consumed, so the loads stay)
-                    if c == 0:
-                        valid_s[st, tok0 + 32 * r] = ok[r] + raw[r, 0, 0] + raw[r, 6, 3] + sc[r, 1]
-                elif T.call_extern("int32", "dsv4fn_warp_any_big", sc[r, 0], sc[r, 1]) != 0:
-                    dequant_big(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
-                else:
-                    dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
-                if it + 1 < cnt:
+        peer_bar = T.alloc_local([1], T.uint32)
+
+        # Software pipeline: a register set is reloaded (the same key AHEAD blocks later) as soon as it is
+        # dequantized, so loads stay in flight while this warpgroup waits for a free K tile and dequantizes.
+        if PAIR:  # sets = blocks it % 2 (unrolled here: the sets are registers, indexed by constants only)
+            for r in T.unroll(R, explicit=True):
+                if r < cnt:
+                    fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + r, tok0, ixn)
                     issue_block_loads(
-                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + 1, tok0, c, r, ixn, ok, raw, rp, sc
-                    )
-            if it + 2 < cnt:
-                fetch_indices(Idx1, Idx2, b, sq, nb1, blk + 2, tok0, ixn)
-            stamp(trace_s, "P done", it, p == 0)
-            T.fence_proxy_async()  # K_s is read by wgmma (async proxy)
-            T.barrier_arrive(k_ready[st])
+                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0 + r, tok0, c, r, ixn, ok, raw, rp, sc
+                    )  # fmt: skip
+            if R < cnt:
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + R, tok0, ixn)
+            for it2 in T.serial(T.ceildiv(cnt, R)):
+                for r in T.unroll(R, explicit=True):
+                    if it2 * R + r < cnt:
+                        produce(
+                            it2 * R + r, (r,), Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0,
+                            cnt, K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, peer, ixn, ok,
+                            raw, rp, sc, outb, peer_bar,
+                        )  # fmt: skip
+        else:  # sets = the block's keys
+            if cnt > 0:
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
+                for r in T.unroll(R):
+                    issue_block_loads(
+                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc
+                    )  # fmt: skip
+                if cnt > 1:
+                    fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
+            for it in T.serial(cnt):
+                produce(
+                    it, None, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                    K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, peer, ixn, ok, raw, rp, sc,
+                    outb, peer_bar,
+                )  # fmt: skip
         stamp_once(trace_s, "producer end", p == 0)
 
     @T.macro
+    def release_k(k_free, st, tx, w0):
+        # a consumer warpgroup (threads w0..w0+127) is done with K tile st (its wgmma has completed)
+        if PAIR:  # one arrival on each CTA's barrier, from two warps of the warpgroup (the peer's tile too)
+            if tx == w0 + 32:
+                T.call_extern("handle", "dsv4fn_arrive_rank", T.address_of(k_free[st]), 0)
+            if tx == w0 + 64:
+                T.call_extern("handle", "dsv4fn_arrive_rank", T.address_of(k_free[st]), 1)
+        else:
+            T.barrier_arrive(k_free[st])
+
+    @T.macro
     def consumer0(
-        Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
+        Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0, cnt,
         acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
@@ -463,6 +607,8 @@ def build_attend_ws(
         for it in T.serial(cnt):
             st = it % KS
             barrier_wait(k_ready, st, (it // KS) % 2)
+            if PAIR:  # the peer's half of the tile (bulk-copy bytes: async proxy, read by wgmma's async proxy)
+                barrier_wait(k_remote, st, (it // KS) % 2)
             stamp(trace_s, "K rdy", it, tx == 0)
             for i, j in T.Parallel(HB, BI):
                 acc_s[i, j] = T.if_then_else(valid_s[st, j] != 0, 0, -T.infinity(f32))
@@ -487,7 +633,7 @@ def build_attend_ws(
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV0 done", it, tx == 0)
-            T.barrier_arrive(k_free[st])
+            release_k(k_free, st, tx, 0)
 
     @T.macro
     def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
@@ -504,7 +650,7 @@ def build_attend_ws(
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV1 done", it, tx == 128)
             T.barrier_arrive(s_free)
-            T.barrier_arrive(k_free[st])
+            release_k(k_free, st, tx, 128)
 
     @T.macro
     def store_half(Out, Q_s, acc_o, fac, b, sq, h0, d0, bar):
@@ -534,8 +680,10 @@ def build_attend_ws(
             valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
-            k_ready = T.alloc_barrier([128] * KS)
-            k_free = T.alloc_barrier([256] * KS)
+            k_ready = T.alloc_barrier([128] * KS)  # this CTA's producer threads
+            # consumer threads; pair mode: one arrival per consumer warpgroup of both CTAs
+            k_free = T.alloc_barrier([4 if PAIR else 256] * KS)
+            k_remote = T.alloc_barrier([1] * KS) if PAIR else None  # pair: expect_tx + the peer's copied bytes
             s_ready = T.alloc_barrier(128)
             s_free = T.alloc_barrier(128)
             epi = T.alloc_barrier(128)
@@ -548,6 +696,9 @@ def build_attend_ws(
             per = T.ceildiv(nb, nsplit)
             blk0 = sp * per
             cnt = T.max(T.min(nb - blk0, per), 0)
+            rank = (h0 // HB) % 2  # pair mode: this CTA's rank in the cluster (its head block)
+            if PAIR:
+                T.cluster_sync()  # both CTAs' barriers initialised before the first remote arrival or store
             if tx < 128:
                 T.set_max_nreg(REG_WG0, 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
@@ -558,8 +709,8 @@ def build_attend_ws(
                 sum_i = T.alloc_fragment([HB], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
-                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, s_ready, s_free, b, sq, h0, cnt,
-                          acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
+                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0,
+                          cnt, acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
@@ -604,7 +755,9 @@ def build_attend_ws(
             else:
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                         K_s, valid_s, k_ready, k_free, tx - 256, trace_s)  # fmt: skip
+                         K_s, valid_s, k_ready, k_free, k_remote, tx - 256, trace_s, rank)  # fmt: skip
+            if PAIR:
+                T.cluster_sync()  # no CTA exits while the peer may still store into it or arrive on its barriers
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
                 T.sync_threads()
                 stamp_once(trace_s, "CTA end", tx == 0)
@@ -638,7 +791,7 @@ def build_attend_ws(
             rpp1: T.int32,
             rpp2: T.int32,
         ):
-            with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
+            with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
                 body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx % NHB) * HB, bx // NHB, NS,
                      None, Opart, Lpart)  # fmt: skip
 
@@ -663,7 +816,7 @@ def build_attend_ws(
         rpp1: T.int32,
         rpp2: T.int32,
     ):
-        with T.Kernel(NHB, SQ, B, threads=WS_THREADS) as (bx, sq, b):
+        with T.Kernel(NHB, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
             body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse)
 
     return attend_ws_direct
