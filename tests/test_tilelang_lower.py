@@ -49,6 +49,8 @@ def test_attention_ws_lowers(h, split):
     # register split between the warpgroups, mbarrier pipeline, exact register dequantization
     assert f"warpgroup_reg_alloc<{attn.REG_WG0}>" in body and f"warpgroup_reg_dealloc<{attn.REG_PRODUCER}>" in body
     assert "k_ready[" in body and "k_free[" in body and "dsv4fn_dq16(" in body and "dsv4fn_dq16_big(" in body
+    # the softmax's 2^x as one MUFU.EX2 each (ex2.approx.ftz), not exp2f
+    assert body.count("dsv4fn_ex2(") == 2 and "exp2f(" not in body
     # (7 nope + 2 rope) 16-byte loads per key, main / extra list, prologue / one block ahead in the loop
     assert body.count("dsv4fn_ld128(") == 8
     # the only block-wide barrier is the one after the mbarrier init (TileLang's automatic syncs are off;

@@ -112,6 +112,12 @@ __device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) 
       : "=r"(d[0]), "=r"(d[1])
       : "l"(src), "r"(ok));
 }
+// 2^x as one MUFU.EX2 (flushes results under 2^-126 to 0; exp2f adds a range test and two multiplies)
+__device__ __forceinline__ float dsv4fn_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ unsigned dsv4fn_bf16x2_mul(unsigned x, unsigned y) {
   unsigned d;
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
@@ -302,10 +308,16 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
-def _online_softmax(HB: int, BI: int, sl2: float):
+def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False):
     """Macro, both attention kernels: one block's online-softmax update in the log2 domain (sl2 = scale / ln 2)
     over the scores acc_s [HB, BI]: m_i <- max(m_i, row max), alpha = 2^((m_prev - m_i) sl2), acc_s <- P =
-    2^((acc_s - m_i) sl2), sumexp <- sumexp alpha + row sum of P (sum_i: scratch)."""
+    2^((acc_s - m_i) sl2), sumexp <- sumexp alpha + row sum of P (sum_i: scratch). `ftz_exp2` (ws kernel, whose
+    device source has `dsv4fn_ex2`): 2^x as one MUFU.EX2 (ex2.approx.ftz) instead of exp2f's five instructions
+    (ex2.approx without ftz: a range test and two rescaling multiplies); the same value down to 2^-126, 0 below
+    (a weight under 2^-126 of the row's largest)."""
+
+    def exp2(x):
+        return T.call_extern("float32", "dsv4fn_ex2", x) if ftz_exp2 else T.exp2(x)
 
     @T.macro
     def update(acc_s, m_i, m_prev, alpha, sumexp, sum_i):
@@ -313,9 +325,9 @@ def _online_softmax(HB: int, BI: int, sl2: float):
         T.reduce_max(acc_s, m_i, dim=1, clear=False)
         for i in T.Parallel(HB):
             m_i[i] = T.max(m_i[i], m_prev[i])
-            alpha[i] = T.exp2((m_prev[i] - m_i[i]) * sl2)
+            alpha[i] = exp2((m_prev[i] - m_i[i]) * sl2)
         for i, j in T.Parallel(HB, BI):
-            acc_s[i, j] = T.exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
+            acc_s[i, j] = exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
         T.reduce_sum(acc_s, sum_i, dim=1)
         for i in T.Parallel(HB):
             sumexp[i] = sumexp[i] * alpha[i] + sum_i[i]
@@ -360,7 +372,7 @@ def build_attend_ws(
     CLUSTER = (2, 1, 1) if PAIR else None
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
-    softmax_update = _online_softmax(HB, BI, sl2)
+    softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True)
     bf16, f32, i32, i64 = T.bfloat16, T.float32, T.int32, T.int64
 
     B = T.dynamic("batch")
