@@ -162,14 +162,15 @@ def test_attention_cuda_graph_and_side_stream():
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
 
 
-def test_attention_pair_mode_matches_unpaired(monkeypatch):
-    """V4-Pro's direct path runs paired (a 2-CTA cluster: each CTA dequantizes half of every block's keys and
-    bulk-copies it into the peer's K tile): the same tiles and math as the unpaired kernel, so the same bits -
-    with holes, empty and one-key rows, NaN-poisoned slots past each length - eagerly and replayed from a CUDA
-    graph with new queries."""
-    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(70, 128, 128, 1024, seed=21)
+@pytest.mark.parametrize("h", [128, 96], ids=["pro", "96heads"])
+def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
+    """Two head blocks on the direct path run paired (a 2-CTA cluster: each CTA dequantizes half of every block's
+    keys and bulk-copies it into the peer's K tile): the same tiles and math as the unpaired kernel, so the same
+    bits - with holes, empty and one-key rows, NaN-poisoned slots past each length, a masked head tail (96) -
+    eagerly and replayed from a CUDA graph with new queries."""
+    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(70, h, 128, 1024, seed=21)
     kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
-    assert attn.choose_splits(70, 1, 128, 128, 1024, "ws") == 1 and attn._pair_mode(False)
+    assert attn.choose_splits(70, 1, h, 128, 1024, "ws") == 1 and attn._pair_mode(False)
     paired = attn.sparse_attention(q, c1, i1, l1, **kw)
     _check_attn(ref_attention(q, c1, i1, l1, **kw), paired)
     monkeypatch.setattr(attn, "WS_PAIR", "off")
