@@ -497,13 +497,13 @@ def build_attend_ws(
         # the tile
         blk = blk0 + it
         st = it % KS
-        if PAIR:  # both CTAs' consumers are done with tile st (theirs: this producer writes into both)
-            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)  # (remote arrivals; a CTA-scope wait, as CUTLASS's)
+        # pair mode: both CTAs' consumers are done with tile st (this producer writes into both; remote arrivals,
+        # waited at CTA scope as CUTLASS's cluster barriers are)
+        barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
+        if PAIR:
             if p == 0:  # the peer's half of this CTA's tile arrives as bulk-copy bytes
                 T.call_extern("handle", "dsv4fn_arrive_expect_tx", T.address_of(k_remote[st]), PEER_TX)
             peer_bar[0] = T.call_extern("uint32", "dsv4fn_cluster_addr", T.address_of(k_remote[st]), peer)
-        else:
-            barrier_wait(k_free, st, ((it // KS) % 2) ^ 1)
         stamp(trace_s, "P free", it, p == 0)
         for r in T.unroll(R) if sets is None else sets:
             # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
