@@ -64,6 +64,13 @@ def test_attention_ws_pair_mode_lowers():
     keys a block and one thread bulk-copies them (8 x 4 KB of the 128B-swizzled tile + 128 bytes of flags) into the
     peer's tile, the bytes counted on the peer's k_remote; the split paths stay unpaired."""
     assert attn._pair_mode(False) and not attn._pair_mode(True)  # WS_PAIR = "direct"
+    old = attn.WS_PAIR
+    try:
+        attn.WS_PAIR = True  # the knob's values are names
+        with pytest.raises(ValueError, match="WS_PAIR"):
+            attn._pair_mode(False)
+    finally:
+        attn.WS_PAIR = old
     src = _lower(attn.build_attend_ws(128, 64, 64, SCALE, False), attn.WS_PASS_CONFIGS)
     body = _body(src)
     assert "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes" in src

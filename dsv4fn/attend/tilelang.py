@@ -259,6 +259,8 @@ PRODUCER_BARRIER = 3  # named barrier of the producer warpgroup (pair mode: its 
 
 def _pair_mode(split: bool) -> bool:
     """Whether the ws kernel runs two head blocks as a pair (WS_PAIR) on this path."""
+    if WS_PAIR not in ("direct", "all", "off"):
+        raise ValueError(f"dsv4fn.attend.tilelang.WS_PAIR must be 'direct', 'all' or 'off', got {WS_PAIR!r}")
     return WS_PAIR == "all" or (WS_PAIR == "direct" and not split)
 
 
