@@ -367,10 +367,11 @@ def build_attend_ws(
     # or in pair mode (one key a block) one per block of a two-block ring (loads in flight two blocks ahead).
     # `ixn` holds the indices of the next block to be loaded (this thread's keys).
     R = 2 if PAIR else BI // 32
-    PEER_TX = (BI // 2) * (D * 2 + 4)  # bytes the peer copies into a K tile and its flags (its 32 keys)
     BULK = "no_remote" not in probes and "no_sts" not in probes
-    if not BULK:
-        PEER_TX = 0
+    HALF_CHUNK = BI // 2 * 128  # bytes of one 64-column chunk's half (32 rows of 128 bytes)
+    HALF_FLAGS = BI // 2 * 4  # bytes of the half's valid flags
+    PEER_TX = (D // 64 * HALF_CHUNK + HALF_FLAGS) if BULK else 0  # bytes the peer copies into a K tile a block
+    NIX = 1 if PAIR else R  # indices held for the next block to load (this thread's keys of it)
     CLUSTER = (2, 1, 1) if PAIR else None
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
@@ -424,7 +425,7 @@ def build_attend_ws(
     @T.macro
     def fetch_indices(Idx1, Idx2, b, sq, nb1, blk, tok0, ixn):
         # indices of this thread's keys of block `blk` (main list first, then extra)
-        for r in T.unroll(1 if PAIR else R):
+        for r in T.unroll(NIX):
             if blk < nb1:
                 ixn[r] = Idx1[b, sq, T.min(blk * BI + (tok0 + 32 * r) % BI, K1 - 1)]
             else:
@@ -492,7 +493,7 @@ def build_attend_ws(
     @T.macro
     def produce(
         it, sets, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt, K_s, valid_s, k_ready,
-        k_free, k_remote, p, trace_s, tok0, c, peer, ixn, ok, raw, rp, sc, outb, peer_bar,
+        k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok, raw, rp, sc, outb, peer_bar,
     ):  # fmt: skip
         # block it: wait for its K tile, dequantize register sets `sets` (None: all R, T.unroll) into it, reload
         # each set with the block AHEAD later as soon as it is dequantized, fetch the indices after that, signal
@@ -505,7 +506,7 @@ def build_attend_ws(
         if PAIR:
             if p == 0:  # the peer's half of this CTA's tile arrives as bulk-copy bytes
                 T.call_extern("handle", "dsv4fn_arrive_expect_tx", T.address_of(k_remote[st]), PEER_TX)
-            peer_bar[0] = T.call_extern("uint32", "dsv4fn_cluster_addr", T.address_of(k_remote[st]), peer)
+            peer_bar[0] = T.call_extern("uint32", "dsv4fn_cluster_addr", T.address_of(k_remote[st]), 1 - rank)
         stamp(trace_s, "P free", it, p == 0)
         for r in T.unroll(R) if sets is None else sets:
             # the second bf16 multiply (UE8M0 byte > 142, |values| > 2^7) only when some lane needs it
@@ -530,12 +531,12 @@ def build_attend_ws(
                 if p == 0:
                     for t in T.unroll(D // 64):
                         T.call_extern(
-                            "handle", "dsv4fn_bulk_to_peer", T.address_of(K_s[st, 32 * (1 - peer), t * 64]),
-                            BI // 2 * 128, peer_bar[0], peer,
+                            "handle", "dsv4fn_bulk_to_peer", T.address_of(K_s[st, 32 * rank, t * 64]),
+                            HALF_CHUNK, peer_bar[0], 1 - rank,
                         )  # fmt: skip
                     T.call_extern(
-                        "handle", "dsv4fn_bulk_to_peer", T.address_of(valid_s[st, 32 * (1 - peer)]), BI // 2 * 4,
-                        peer_bar[0], peer,
+                        "handle", "dsv4fn_bulk_to_peer", T.address_of(valid_s[st, 32 * rank]), HALF_FLAGS,
+                        peer_bar[0], 1 - rank,
                     )  # fmt: skip
         T.barrier_arrive(k_ready[st])
 
@@ -549,11 +550,10 @@ def build_attend_ws(
         c = lane // 8  # 16-byte column of each 64-wide tile
         # keys tok0 and tok0 + 32 of every block (pair mode: key tok0 only, in the upper half for rank 1)
         tok0 = (p // 32) * 8 + lane % 8 + (32 * rank if PAIR else 0)
-        peer = 1 - rank
         raw = T.alloc_local([R, NT, 4], i32)
         rp = T.alloc_local([R, 2, 8], bf16)
         sc = T.alloc_local([R, 2], i32)
-        ixn = T.alloc_local([1 if PAIR else R], i32)
+        ixn = T.alloc_local([NIX], i32)
         ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
         peer_bar = T.alloc_local([1], T.uint32)
@@ -574,7 +574,7 @@ def build_attend_ws(
                     if it2 * R + r < cnt:
                         produce(
                             it2 * R + r, (r,), Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0,
-                            cnt, K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, peer, ixn, ok,
+                            cnt, K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok,
                             raw, rp, sc, outb, peer_bar,
                         )  # fmt: skip
         else:  # sets = the block's keys
@@ -589,7 +589,7 @@ def build_attend_ws(
             for it in T.serial(cnt):
                 produce(
                     it, None, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
-                    K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, peer, ixn, ok, raw, rp, sc,
+                    K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok, raw, rp, sc,
                     outb, peer_bar,
                 )  # fmt: skip
         stamp_once(trace_s, "producer end", p == 0)
