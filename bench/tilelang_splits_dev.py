@@ -23,49 +23,37 @@ CANDIDATES = {
 }
 
 
-def pair(batches: list[int]) -> None:
-    """V4-Pro: the ws kernel with and without its 2-CTA cluster mode (tla.WS_PAIR), heuristic splits, against
-    FlashMLA; each variant checked first."""
-    dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name()}; V4-pro; graphflush us; ws pair mode off / on vs FlashMLA")
-    for b in batches or (1, 32, 64, 128, 256):
-        bench = SETUPS["attend"](Case("attend", "pro", "decode", b, 65536), dev)
-        run_peer, check_peer = bench.peers["flashmla"]()
-        assert check_peer(run_peer())[0]
-        peer = graphflush_us(run_peer, rep_ms=20)
-        line = [f"b={b:<4d} splits={tla.choose_splits(b, 1, 128, 128, 1024, 'ws')} FlashMLA {peer:6.1f}"]
-        for on in (False, True):
-            tla.WS_PAIR = "all" if on else "off"
+def compare(config: str, b: int, knob: str, values: tuple, names: list[str], head: str = "") -> None:
+    """One line: FlashMLA, then the TileLang op with module knob `knob` of dsv4fn.attend.tilelang set to each of
+    `values` (restored after), each checked against the reference before it is timed."""
+    bench = SETUPS["attend"](Case("attend", config, "decode", b, 65536), torch.device("cuda"))
+    run_peer, check_peer = bench.peers["flashmla"]()
+    assert check_peer(run_peer())[0]
+    peer = graphflush_us(run_peer, rep_ms=20)
+    line = [f"b={b:<4d} {head}FlashMLA {peer:6.1f}"]
+    old = getattr(tla, knob)
+    try:
+        for value, name in zip(values, names, strict=True):
+            setattr(tla, knob, value)
             fn = bench.make("tilelang", False)
             ok, detail = bench.check(bench.make("tilelang", True)())
             t = graphflush_us(fn, rep_ms=20)
-            line.append(f"pair={int(on)} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL ' + str(detail)[:80]}")
-        tla.WS_PAIR = "direct"
-        print(" | ".join(line), flush=True)
+            line.append(f"{name} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL ' + str(detail)[:80]}")
+    finally:
+        setattr(tla, knob, old)
+    print(" | ".join(line), flush=True)
 
 
 def main() -> None:
     config = sys.argv[1] if len(sys.argv) > 1 else "flash"
-    if config == "pair":
-        pair([int(a) for a in sys.argv[2:]])
+    print(f"device {torch.cuda.get_device_name()}; graphflush us")
+    if config == "pair":  # V4-Pro: the ws kernel's 2-CTA cluster mode off / on every path (tla.WS_PAIR)
+        for b in [int(a) for a in sys.argv[2:]] or (1, 32, 64, 128, 256):
+            head = f"splits={tla.choose_splits(b, 1, 128, 128, 1024, 'ws')} "
+            compare("pro", b, "WS_PAIR", ("off", "all"), ["pair=0", "pair=1"], head)
         return
-    dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name()}; V4-{config}; graphflush us; heuristic = choose_splits")
-    for b, cands in CANDIDATES[config].items():
-        bench = SETUPS["attend"](Case("attend", config, "decode", b, 65536), dev)
-        run_peer, check_peer = bench.peers["flashmla"]()
-        assert check_peer(run_peer())[0]
-        peer = graphflush_us(run_peer, rep_ms=20)
-        line = [f"b={b:<4d} FlashMLA {peer:6.1f}"]
-        for forced in (None, *cands):
-            tla.FORCE_SPLITS = forced
-            fn = bench.make("tilelang", False)
-            ok, _ = bench.check(bench.make("tilelang", True)())
-            t = graphflush_us(fn, rep_ms=20)
-            name = "heur" if forced is None else f"s={forced}"
-            line.append(f"{name} {t:6.1f} ({peer / t:.2f}x){'' if ok else ' FAIL'}")
-        tla.FORCE_SPLITS = None
-        print(" | ".join(line), flush=True)
+    for b, cands in CANDIDATES[config].items():  # heuristic = choose_splits, then forced split counts
+        compare(config, b, "FORCE_SPLITS", (None, *cands), ["heur", *(f"s={c}" for c in cands)])
 
 
 if __name__ == "__main__":
