@@ -9,6 +9,7 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
     python -m bench.tilelang_profile_dev attn-trace [pro] [PROBE...]  # attention ws: per-block timeline (SM clock)
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
+    python -m bench.tilelang_profile_dev split-parts    # attention split path: full op, main kernel, combine apart
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
 
@@ -357,6 +358,46 @@ def pdl_probe() -> None:
         print(" | ".join(line), flush=True)
 
 
+def split_parts() -> None:
+    """Attention's split path: the whole op with partials + combine, its main (partials) kernel alone and its
+    combine alone, and the whole op merged in a cluster where `cluster_merge` allows (graphflush us)."""
+    cases = [("flash", 64, 512, b) for b in (1, 4, 16, 32, 64)] + [("pro", 128, 1024, b) for b in (1, 8, 16, 32)]
+    jobs = [lambda h=h: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True) for h in (64, 128)]
+    jobs += [lambda h=h, n=n: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True, True, n)
+             for h in (64, 128) for n in (2, 4, 8)]  # fmt: skip
+    compat.precompile(jobs)
+    print("attention split path (ws): window 128 + extra; graphflush us")
+    for cfg, h, extra, b in cases:
+        q, c1, i1, l1, kw = _attn_case(b, extra, h)
+        splits = attn.choose_splits(b, 1, h, 128, extra, "ws")
+        if splits == 1:
+            continue
+        expect = ref_attention(q, c1, i1, l1, **kw)
+        merge = attn.cluster_merge(splits, 128, extra)
+        merged = "-"
+        if merge:
+            ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
+            t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
+            merged = f"{t:6.1f} ({merge}) {'ok' if ok is None else 'FAIL'}"
+        attn.CLUSTER_MERGE = False
+        ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
+        full = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
+        attn.CLUSTER_MERGE = True
+        main, comb = attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True)
+        w1, h1, st1 = attn._cache_views_ws(c1.data)
+        w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
+        opart = torch.empty((b, 1, splits, h, 512), dtype=torch.float32, device="cuda")
+        lpart = torch.empty((b, 1, splits, h), dtype=torch.float32, device="cuda")
+        o = torch.empty_like(q)
+        lse = torch.empty((b, h, 1), dtype=torch.float32, device="cuda")
+        margs = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, opart, lpart, st1, st2)
+        t_main = graphflush_us(lambda: compat.launch(main, *margs), rep_ms=20)
+        t_comb = graphflush_us(lambda: compat.launch(comb, opart, lpart, kw["sink"], o, lse), rep_ms=20)
+        mb = opart.numel() * 4 / 1e6
+        head = f"{cfg} b={b:<3d} s={splits:<2d} {'ok' if ok is None else 'FAIL'}"
+        print(f"{head} | full {full:6.1f} | main {t_main:6.1f} | comb {t_comb:6.1f} | {mb:.1f} MB | merged {merged}")
+
+
 def run_attn(b: int) -> None:
     q, c1, i1, l1, kw = _attn_case(b, 512)
     for _ in range(3):
@@ -380,6 +421,7 @@ def main() -> None:
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
     cmds["attn-trace"] = attn_trace
+    cmds["split-parts"] = split_parts
     cmds[cmd](*args)
 
 

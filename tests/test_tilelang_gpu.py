@@ -4,7 +4,8 @@ reference sets.
 
 Compile budget (one cold device call): every kernel this file needs is compiled up front, side by side
 (`_tilelang_compat.precompile`), by the module fixture `_kernels_compiled`:
-  attention ws  : direct + split/combine for 64 heads (Flash) and 128 heads (Pro), direct for 8 heads
+  attention ws  : direct + split/combine for 64 heads (Flash) and 128 heads (Pro), direct for 8 heads;
+                  cluster merge of 2, 4, 8 splits for 64 and 128 heads, of 2 for 96
   attention old : legacy split + combine, 64 heads (test_attention_exact_dequant[legacy] only: 16 rows of
                   2 blocks take the split path in both kernels)
   indexer       : logits; chunk top-k + merge for topk 512 and 1024
@@ -40,6 +41,8 @@ def _kernels_compiled():
         pytest.skip("needs CUDA")
     hs = [(h, s) for h in (64, 128) for s in (False, True)]
     jobs = [lambda h=h, s=s: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, s) for h, s in hs]
+    merges = [(h, n) for h in (64, 128) for n in (2, 4, 8)] + [(96, 2)]
+    jobs += [lambda h=h, n=n: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True, True, n) for h, n in merges]
     jobs += [
         lambda: attn._kernels("ws", 8, 448, 64, 64, 64, 64, SCALE, False),
         lambda: attn._kernels("legacy", 64, 448, 64, 64, 64, 64, SCALE, True),
@@ -189,12 +192,50 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
 
 
+@pytest.mark.parametrize(
+    ("b", "h", "k2", "ns"),
+    [(64, 64, 512, 2), (16, 64, 512, 8), (16, 128, 1024, 4), (8, 128, 1024, 8), (24, 96, 1024, 2)],
+    ids=["flash-b64", "flash-b16", "pro-b16", "pro-b8", "96heads-b24"],
+)
+def test_attention_cluster_merge(b, h, k2, ns, monkeypatch):
+    """The split path merged in a cluster of `ns` CTAs (b=16 / 8: 8 splits, 3 / 2 of them empty) against the
+    reference and against partials + combine (the same math summed in another order: equal LSEs, outputs within
+    one bf16 rounding); deterministic, and replayed from a CUDA graph into NaN-poisoned outputs with new queries.
+    Holes, empty and one-key rows, NaN-poisoned slots past each length, a masked head tail (96)."""
+    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, h, 128, k2, seed=b + h + 1)
+    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+    assert attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2) == ns
+    expect = ref_attention(q, c1, i1, l1, **kw)
+    merged = attn.sparse_attention(q, c1, i1, l1, **kw)
+    _check_attn(expect, merged)
+    again = attn.sparse_attention(q, c1, i1, l1, **kw)
+    assert torch.equal(merged[0], again[0]) and torch.equal(merged[1], again[1])
+    monkeypatch.setattr(attn, "CLUSTER_MERGE", False)
+    combined = attn.sparse_attention(q, c1, i1, l1, **kw)
+    _check_attn(expect, combined)
+    torch.testing.assert_close(merged[1], combined[1], rtol=1e-6, atol=0)
+    mo, co = merged[0].float(), combined[0].float()
+    assert bool(((mo - co).abs() <= co.abs().maximum(mo.abs()) * 2**-7 + 1e-6).all())
+    monkeypatch.setattr(attn, "CLUSTER_MERGE", True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn.sparse_attention(q, c1, i1, l1, **kw)
+    q.copy_(torch.randn_like(q.float()).to(torch.bfloat16))
+    out[0].fill_(float("nan"))
+    out[1].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = attn.sparse_attention(q, c1, i1, l1, **kw)
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    _check_attn(ref_attention(q, c1, i1, l1, **kw), eager)
+
+
 def test_no_recompile_per_batch_size():
     """Batch, query count, index widths, cache sizes and split count are symbolic: new sizes reuse the
     compiled kernels (TileLang's JIT caches and `_kernels` do not grow)."""
     jits = (attn._attend_ws_kernel, attn._combine_kernel, idx._logits_kernel)
     before = [len(j._kernel_cache) for j in jits], attn._kernels_for.cache_info().currsize
-    for b, k2 in ((3, 64), (5, 192), (100, 128), (101, 320)):  # split (3 and 5 splits) and direct
+    for b, k2 in ((3, 64), (5, 192), (100, 128), (101, 320)):  # split (cluster merge of 4 and 8) and direct
         q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, 64, 128, k2, seed=b)
         kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
         attn.sparse_attention(q, c1, i1, l1, **kw)

@@ -89,6 +89,44 @@ def test_attention_ws_pair_mode_lowers():
         assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other
 
 
+@pytest.mark.parametrize(("h", "ns"), [(128, 2), (64, 4), (96, 8)], ids=["pro-2", "flash-4", "96heads-8"])
+def test_attention_ws_cluster_merge_lowers(h, ns):
+    """The split path as one cluster of `ns` CTAs a row: each CTA's LSEs read by the cluster, its scaled partial
+    staged as fp32 (swizzled) in its K tiles' memory, its 64 / ns rows summed over the cluster's partials in
+    distributed shared memory and written as bf16 - three cluster barriers, no partials in global memory."""
+    func = attn.build_attend_ws(h, 64, 64, SCALE, True, merge=ns)
+    assert f'"cluster_dims": [{ns}, 1, 1]' in func.script()
+    assert [p.name for p in func.params][9:12] == ["Sink_handle", "O_handle", "Lse_handle"]  # as the direct path
+    body = _body(_lower(func, attn.WS_PASS_CONFIGS))
+    assert body.count("dsv4fn_cluster_sync_all();") == 5  # once in each role's branch, then twice for all
+    assert body.count(f"dsv4fn_merge4<{ns}>(") == 1 and body.count("dsv4fn_stage_f32(") == 2
+    assert body.count("dsv4fn_ld_rank_f32(") == 2 and "Opart" not in body and "tl::cluster_sync" not in body
+    # the staging area is the K tiles (2 x 64 x 512 bf16 = 64 x 512 fp32): it must stay that size
+    assert "initialize_wgmma_descriptor<1, 1, 64>(desc_b, (&(((bfloat16_t*)K_s)[0])))" in body
+
+
+def test_attention_cluster_merge_plan():
+    """Which split counts merge in a cluster (2, 4 or 8 CTAs with the same blocks a split), and bad sizes."""
+    assert attn.CLUSTER_MERGE
+    flash, pro = (128, 512), (128, 1024)  # 10 and 18 blocks a row
+    for b, want in ((1, 0), (16, 8), (32, 4), (64, 2), (128, 0)):
+        assert attn.cluster_merge(attn.choose_splits(b, 1, 64, *flash, "ws"), *flash) == want, b
+    for b, want in ((1, 0), (4, 0), (8, 8), (16, 4), (32, 2), (64, 0)):
+        assert attn.cluster_merge(attn.choose_splits(b, 1, 128, *pro, "ws"), *pro) == want, b
+    assert attn.cluster_merge(3, 128, 64) == 4  # 3 blocks: 4 splits of one, the last empty
+    old = attn.CLUSTER_MERGE
+    try:
+        attn.CLUSTER_MERGE = False
+        assert attn.cluster_merge(4, *flash) == 0
+    finally:
+        attn.CLUSTER_MERGE = old
+    for bad in (dict(merge=3), dict(merge=16), dict(merge=4, stages=3), dict(merge=4, bi=32)):
+        with pytest.raises(ValueError, match="cluster merge"):
+            attn.build_attend_ws(64, 64, 64, SCALE, True, **bad)
+    with pytest.raises(ValueError, match="cluster merge"):
+        attn.build_attend_ws(64, 64, 64, SCALE, False, merge=4)
+
+
 def test_attention_ws_block_variants_lower_and_bounds():
     """The builder's development knobs (bench/tilelang_profile_dev.py attn-tiles): 32-key blocks on a 3-deep K
     ring lower (QK^T at n=32, three ring barriers); other block sizes and depths are refused."""

@@ -37,12 +37,19 @@ main (window) + extra (compressed) index lists, each cut at its length:
   CTA). Loads run two blocks ahead (one key a thread and block, two register sets). The per-thread `st.async`
   of FlashMLA's protocol cost the producer as much as the halved conversion saved (session 7); one bulk copy
   a half-chunk does not. Split paths stay unpaired (slower paired: fewer blocks a CTA to amortise the cluster).
+  Cluster merge (the split path with 2, 4 or 8 splits: `cluster_merge`): a row's splits run as one cluster, one CTA
+  a split. Each CTA writes its split's log2 LSE per head to shared memory; after a cluster barrier every CTA reads
+  all of them (distributed shared memory), scales its partial by 2^(m sl2 - L) times the sink factor and stages it
+  as fp32 in the memory of its K tiles (free by then); after a second barrier each CTA sums its 64 / splits rows of
+  the output over the cluster's staged partials (in rank order: deterministic) and writes them as bf16; a third
+  keeps every CTA alive while its peers read it. No fp32 partials in global memory, no combine launch.
 ``"legacy"``: the first kernel (one 256-thread program per row and head block, gathers and
 dequantizes synchronously); kept for comparison and for other geometries.
 
 With one split the kernel finishes the row (sink, natural-log LSE, o = 0 / lse = +inf for an empty
-row; the ws kernel stages the bf16 rows in Q_s and writes them whole); with several it writes fp32
-partials (normalised o, log2 LSE) and `attend_combine` merges them. The split count comes from the
+row; the ws kernel stages the bf16 rows in Q_s and writes them whole); with several the ws kernel's cluster
+merges them (2-8 splits), or the kernel writes fp32 partials (normalised o, log2 LSE) and `attend_combine`
+merges those. The split count comes from the
 batch shape only (no host sync): CUDA-graph capturable.
 Compiled kernels are cached per (impl, heads, page sizes, scale, split mode); batch, query count,
 index widths, cache sizes and split count are symbolic (one compile serves every batch size).
@@ -75,6 +82,9 @@ FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (Non
 # "direct" (the one-split path, b >= 64: faster there), "all" (split paths too: slower there), "off" (bench knob)
 WS_PAIR = "direct"
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
+# ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
+# count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
+CLUSTER_MERGE = True
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
 # 168 registers per thread (65536 / 384, rounded down to 8) and `setmaxnreg.inc` blocks until the other
@@ -200,6 +210,42 @@ __device__ __forceinline__ void dsv4fn_bulk_to_peer(const void* src, int bytes, 
   asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                : : "r"(dsv4fn_cluster_addr(src, peer)), "r"(s), "r"(bytes), "r"(peer_bar) : "memory");
 }
+// cluster merge (split path, one CTA a split of a row's keys, the row's splits one cluster): a barrier over every
+// thread of the cluster; release / acquire order each CTA's shared-memory stores before the peers' reads
+__device__ __forceinline__ void dsv4fn_cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n barrier.cluster.wait.acquire.aligned;" : : : "memory");
+}
+// the fp32 at `p`'s offset in cluster CTA `rank`'s shared memory
+__device__ __forceinline__ float dsv4fn_ld_rank_f32(const void* p, int rank) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(dsv4fn_cluster_addr(p, rank)) : "memory");
+  return v;
+}
+// a CTA's scaled partial, staged as fp32 [64][512] at `base`: 16-byte units XOR-swizzled by row % 8 (a warp's
+// fragment stores - 8 rows x 4 columns - hit 32 different banks)
+__device__ __forceinline__ void dsv4fn_stage_f32(void* base, int row, int col, float v) {
+  reinterpret_cast<float*>(base)[row * 512 + (col ^ ((row & 7) << 2))] = v;
+}
+// columns 4 c4 .. 4 c4 + 3 of `row`: the sum over the cluster's NS staged partials (rank order: deterministic),
+// rounded to 4 bf16 (8 bytes) at the global address `out`
+template <int NS>
+__device__ __forceinline__ void dsv4fn_merge4(const void* base, int row, int c4, void* out) {
+  const float* p = reinterpret_cast<const float*>(base) + row * 512 + ((c4 ^ (row & 7)) << 2);
+  float v[NS][4];
+#pragma unroll
+  for (int r = 0; r < NS; ++r)
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v[r][0]), "=f"(v[r][1]), "=f"(v[r][2]), "=f"(v[r][3]) : "r"(dsv4fn_cluster_addr(p, r))
+                 : "memory");
+#pragma unroll
+  for (int r = 1; r < NS; ++r)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[0][k] += v[r][k];
+  unsigned lo, hi;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(v[0][1]), "f"(v[0][0]));
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(v[0][3]), "f"(v[0][2]));
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" : : "l"(out), "r"(lo), "r"(hi) : "memory");
+}
 // development probe "trace": SM clock and global timer stamps, written out as raw 32-bit words
 __device__ __forceinline__ int dsv4fn_clock() {
   int c;
@@ -265,18 +311,22 @@ def _pair_mode(split: bool) -> bool:
 
 
 def _kernels(
-    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True
+    impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
+    merge: int = 0,
 ):  # fmt: skip
     """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch), the ws
-    kernel's pair mode as WS_PAIR has it now."""
-    return _kernels_for(impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split))
+    kernel's pair mode as WS_PAIR has it now; `merge` (ws split path): the cluster-merge kernel of that many splits
+    (no combine)."""
+    return _kernels_for(impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split), merge)
 
 
 @functools.cache
 def _kernels_for(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool,
-    pair: bool,
+    pair: bool, merge: int = 0,
 ):  # fmt: skip
+    if impl == "ws" and split and merge:
+        return _attend_ws_kernel(h, p1, p2, scale, True, "", BLOCK_I, 2, False, merge), None
     if impl == "ws":
         main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair)
     else:
@@ -288,9 +338,9 @@ def _kernels_for(
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None,
+    pair: bool | None = None, merge: int = 0,
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, merge)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -339,11 +389,13 @@ def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False):
 
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None,
+    pair: bool | None = None, merge: int = 0,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles; `pair`: pair mode for two head blocks (module docstring;
-    None: where WS_PAIR puts it).
+    None: where WS_PAIR puts it); `merge` (split only: 2, 4 or 8): the row's `merge` splits run as one cluster and
+    merge their partials through distributed shared memory (cluster merge, module docstring) instead of writing
+    them for the combine kernel.
     `probe` (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
     no_sts (converted, not stored); pair mode: no_remote (no half copied to the peer); trace (SM clock stamps of
@@ -358,11 +410,14 @@ def build_attend_ws(
     if BI not in (32, 64) or not 2 <= KS <= 4:
         raise ValueError(f"ws attention: blocks of 32 or 64 keys on 2-4 stages, got {BI} x {KS}")
     NHB = (h + HB - 1) // HB
+    MERGE = merge
+    if MERGE and (MERGE not in (2, 4, 8) or not split or BI != 64 or KS != 2 or TRACE):
+        raise ValueError(f"ws attention: cluster merge of 2, 4 or 8 splits (64-key blocks, 2 stages), got {MERGE}")
     # pair mode (two head blocks, 64-key blocks): the row's two CTAs form a 2-CTA cluster; CTA `rank` dequantizes
     # keys 32 rank .. 32 rank + 31 of every block into its own K tile, then one thread copies that half (rows
     # 32 rank .. 32 rank + 31 of each 64-column chunk of the 128B-swizzled tile: 8 x 4 KB) and its 32 valid flags
     # into the peer's tile (cp.async.bulk shared::cta -> shared::cluster), the bytes counted on the peer's k_remote
-    PAIR = (_pair_mode(split) if pair is None else pair) and NHB == 2 and BI == 64
+    PAIR = (_pair_mode(split) if pair is None else pair) and NHB == 2 and BI == 64 and not MERGE
     # A producer thread's register sets (raw words, rope, scales): one per key of its block (keys tok0 + 32 r),
     # or in pair mode (one key a block) one per block of a two-block ring (loads in flight two blocks ahead).
     # `ixn` holds the indices of the next block to be loaded (this thread's keys).
@@ -372,7 +427,7 @@ def build_attend_ws(
     HALF_FLAGS = BI // 2 * 4  # bytes of the half's valid flags
     PEER_TX = (D // 64 * HALF_CHUNK + HALF_FLAGS) if BULK else 0  # bytes the peer copies into a K tile a block
     NIX = 1 if PAIR else R  # indices held for the next block to load (this thread's keys of it)
-    CLUSTER = (2, 1, 1) if PAIR else None
+    CLUSTER = (2, 1, 1) if PAIR else (MERGE, 1, 1) if MERGE else None
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True)
@@ -682,8 +737,38 @@ def build_attend_ws(
             for i, d in T.Parallel(HB, DH):
                 Out[b, sq, h0 + i, d0 + d] = Q_s[i, d0 + d]
 
-    def kernel_body(split_mode: bool):
-        """The shared prologue / role split as a macro taking the epilogue outputs."""
+    @T.macro
+    def cluster_sync_all():
+        # cluster merge: every thread of every CTA of the cluster (release / acquire: shared-memory stores before
+        # it are seen by the peers' reads after it)
+        T.call_extern("handle", "dsv4fn_cluster_sync_all")
+
+    @T.macro
+    def stage_half(K_s, acc_o, fac, d0):
+        # cluster merge: one warpgroup's columns d0..d0+255 of this CTA's scaled partial into its K tiles' memory
+        # (fp32 [64][512], swizzled: dsv4fn_stage_f32), read by the whole cluster
+        for i, d in T.Parallel(HB, DH):
+            T.call_extern("handle", "dsv4fn_stage_f32", T.address_of(K_s[0, 0, 0]), i, d0 + d, acc_o[i, d] * fac[i])
+
+    @T.macro
+    def merge_rows(K_s, Out, b, sq, h0, sp, tx):
+        # cluster merge: this CTA's HB / MERGE rows of the output, each the sum of the cluster's staged partials
+        ROWS, UNITS = HB // MERGE, D // 4
+        for k in T.serial((ROWS * UNITS + WS_THREADS - 1) // WS_THREADS):
+            if k * WS_THREADS + tx < ROWS * UNITS:
+                row = sp * ROWS + (k * WS_THREADS + tx) // UNITS
+                c4 = (k * WS_THREADS + tx) % UNITS
+                if h0 + row < h:
+                    T.call_extern(
+                        "handle", f"dsv4fn_merge4<{MERGE}>", T.address_of(K_s[0, 0, 0]), row, c4,
+                        T.address_of(Out[b, sq, h0 + row, c4 * 4]),
+                    )  # fmt: skip
+
+    def kernel_body(mode: str):
+        """The shared prologue / role split as a macro taking the epilogue outputs. `mode`: "direct" (bf16 output
+        and LSE), "partial" (fp32 partials and log2 LSEs for the combine) or "merge" (cluster merge: the output and
+        LSE of the row, merged in the cluster)."""
+        split_mode = mode == "partial"
 
         @T.macro
         def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L):
@@ -694,6 +779,7 @@ def build_attend_ws(
             valid_s = T.alloc_shared([KS, BI], i32)
             alpha_s = T.alloc_shared([HB], f32)
             fac_s = T.alloc_shared([HB], f32)
+            lse_s = T.alloc_shared([HB], f32)  # cluster merge: this split's log2 LSE per head, read by the cluster
             k_ready = T.alloc_barrier([128] * KS)  # this CTA's producer threads
             # consumer threads; pair mode: one arrival per consumer warpgroup of both CTAs
             k_free = T.alloc_barrier([4 if PAIR else 256] * KS)
@@ -728,6 +814,25 @@ def build_attend_ws(
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
+                elif mode == "merge":  # the row's log2 LSE from the cluster's: m_prev = max, sum_i = sum, alpha = LSE
+                    for i in T.Parallel(HB):
+                        lse_s[i] = T.if_then_else(sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32))
+                        m_prev[i] = -T.infinity(f32)
+                        sum_i[i] = 0.0
+                    cluster_sync_all()  # (1 of 3) every split's LSEs written, every K tile read for the last time
+                    for r in T.unroll(MERGE):
+                        for i in T.Parallel(HB):
+                            m_prev[i] = T.max(
+                                m_prev[i], T.call_extern(f32, "dsv4fn_ld_rank_f32", T.address_of(lse_s[i]), r)
+                            )
+                    for r in T.unroll(MERGE):
+                        for i in T.Parallel(HB):
+                            alpha[i] = T.call_extern(f32, "dsv4fn_ld_rank_f32", T.address_of(lse_s[i]), r)
+                            sum_i[i] += T.if_then_else(alpha[i] == -T.infinity(f32), 0.0, T.exp2(alpha[i] - m_prev[i]))
+                    for i in T.Parallel(HB):
+                        alpha[i] = T.log2(sum_i[i]) + m_prev[i]
+                        sink_fac = 1.0 / (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i] * LN2))
+                        fac[i] = T.if_then_else(sumexp[i] != 0, T.exp2(m_i[i] * sl2 - alpha[i]) * sink_fac, 0.0)
                 else:
                     for i in T.Parallel(HB):
                         alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
@@ -747,6 +852,11 @@ def build_attend_ws(
                             L[b, sq, sp, h0 + i] = T.if_then_else(
                                 sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
                             )
+                elif mode == "merge":
+                    stage_half(K_s, acc_o, fac, 0)
+                    for i in T.Parallel(HB):
+                        if sp == 0 and h0 + i < h:
+                            L[b, h0 + i, sq] = T.if_then_else(sum_i[i] != 0, alpha[i] * LN2, T.infinity(f32))
                 else:
                     store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
                     for i in T.Parallel(HB):
@@ -757,12 +867,16 @@ def build_attend_ws(
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
+                if mode == "merge":
+                    cluster_sync_all()  # (1 of 3)
                 barrier_wait(epi, 0, 0)
                 T.copy(fac_s, alpha)
                 if split_mode:
                     for i, d in T.Parallel(HB, DH):
                         if h0 + i < h:
                             Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
+                elif mode == "merge":
+                    stage_half(K_s, acc_o, alpha, DH)
                 else:
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
                 stamp_once(trace_s, "WG1 end", tx == 128)
@@ -770,6 +884,12 @@ def build_attend_ws(
                 T.set_max_nreg(REG_PRODUCER, 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                          K_s, valid_s, k_ready, k_free, k_remote, tx - 256, trace_s, rank)  # fmt: skip
+                if mode == "merge":
+                    cluster_sync_all()  # (1 of 3)
+            if mode == "merge":
+                cluster_sync_all()  # (2 of 3) every split's partial staged
+                merge_rows(K_s, Out, b, sq, h0, sp, tx)
+                cluster_sync_all()  # (3 of 3) no CTA exits while the cluster may still read its shared memory
             if PAIR:
                 T.cluster_sync()  # no CTA exits while the peer may still store into it or arrive on its barriers
             if TRACE:  # every role's stamps over this CTA's output (rows of int32 words), after all its stores
@@ -786,8 +906,34 @@ def build_attend_ws(
 
         return body
 
+    if split and MERGE:
+        body = kernel_body("merge")
+
+        @T.prim_func
+        def attend_ws_merged(
+            Q: T.Tensor[(B, SQ, h, D), bf16],
+            Idx1: T.Tensor[(B, SQ, K1), i32],
+            Len1: T.Tensor[(B,), i32],
+            C1w: T.Tensor[(W1,), i32],
+            C1h: T.Tensor[(H1,), bf16],
+            Idx2: T.Tensor[(B, SQ, K2), i32],
+            Len2: T.Tensor[(B,), i32],
+            C2w: T.Tensor[(W2,), i32],
+            C2h: T.Tensor[(H2,), bf16],
+            Sink: T.Tensor[(h,), f32],
+            O: T.Tensor[(B, SQ, h, D), bf16],
+            Lse: T.Tensor[(B, h, SQ), f32],
+            rpp1: T.int32,
+            rpp2: T.int32,
+        ):
+            with T.Kernel(NHB * MERGE, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
+                body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx // MERGE) * HB,
+                     bx % MERGE, MERGE, Sink, O, Lse)  # fmt: skip
+
+        return attend_ws_merged
+
     if split:
-        body = kernel_body(True)
+        body = kernel_body("partial")
 
         @T.prim_func
         def attend_ws_partial(
@@ -811,7 +957,7 @@ def build_attend_ws(
 
         return attend_ws_partial
 
-    body = kernel_body(False)
+    body = kernel_body("direct")
 
     @T.prim_func
     def attend_ws_direct(
@@ -1095,6 +1241,18 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
     return max(1, min(blocks, math.ceil(NUM_SMS_TARGET / programs), 16))
 
 
+def cluster_merge(splits: int, k1: int, k2: int) -> int:
+    """The cluster size that merges `splits` splits of a ws row in distributed shared memory, 0 for none: the
+    smallest of 2, 4, 8 (a portable cluster) at or above `splits` that gives each split the same number of 64-key
+    blocks (the extra splits of a larger cluster are empty: they load Q and stage zeros). More than 8 splits (the
+    one-row cases) keep the partials and the combine kernel."""
+    if not CLUSTER_MERGE or splits <= 1:
+        return 0
+    blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
+    per = math.ceil(blocks / splits)
+    return next((c for c in (2, 4, 8) if c >= splits and math.ceil(blocks / c) == per), 0)
+
+
 def _check_geometry(cache: PagedKVCache) -> None:
     if cache.rope_dim != 64 or cache.nope_dim % 64 != 0 or cache.tile != 64 or cache.nope_dim < 64:
         raise ValueError(
@@ -1140,8 +1298,9 @@ def tl_sparse_attention(
     b, s_q, h, d = q.shape
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
+    merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1]) if impl == "ws" else 0
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, merge
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
