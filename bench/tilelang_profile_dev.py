@@ -358,13 +358,16 @@ def pdl_probe() -> None:
         print(" | ".join(line), flush=True)
 
 
+MERGE_TRY = (2, 3)  # split-parts: cluster sizes tried (4 and 8: 1.5-1.9x slower, session 9)
+
+
 def split_parts() -> None:
     """Attention's split path: the whole op with partials + combine, its main (partials) kernel alone and its
     combine alone, and the whole op merged in a cluster where `cluster_merge` allows (graphflush us)."""
-    cases = [("flash", 64, 512, b) for b in (1, 4, 16, 32, 64)] + [("pro", 128, 1024, b) for b in (1, 8, 16, 32)]
+    cases = [("flash", 64, 512, b) for b in (1, 4, 16, 32, 48, 64)] + [("pro", 128, 1024, b) for b in (1, 8, 16, 32)]
     jobs = [lambda h=h: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True) for h in (64, 128)]
     jobs += [lambda h=h, n=n: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True, True, n)
-             for h in (64, 128) for n in (2, 4, 8)]  # fmt: skip
+             for h in (64, 128) for n in MERGE_TRY]  # fmt: skip
     compat.precompile(jobs)
     print("attention split path (ws): window 128 + extra; graphflush us")
     for cfg, h, extra, b in cases:
@@ -373,12 +376,14 @@ def split_parts() -> None:
         if splits == 1:
             continue
         expect = ref_attention(q, c1, i1, l1, **kw)
-        merge = attn.cluster_merge(splits, 128, extra)
-        merged = "-"
-        if merge:
+        merged = ""
+        for ns in MERGE_TRY:  # ns splits merged in an ns-CTA cluster
+            attn.FORCE_SPLITS, attn.MERGE_SIZES = ns, (ns,)
+            assert attn.cluster_merge(ns, 128, extra) == ns
             ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
             t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
-            merged = f"{t:6.1f} ({merge}) {'ok' if ok is None else 'FAIL'}"
+            merged += f" | {ns} merged {t:6.1f} {'ok' if ok is None else 'FAIL'}"
+        attn.FORCE_SPLITS, attn.MERGE_SIZES = None, (2,)
         attn.CLUSTER_MERGE = False
         ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
         full = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
@@ -395,7 +400,35 @@ def split_parts() -> None:
         t_comb = graphflush_us(lambda: compat.launch(comb, opart, lpart, kw["sink"], o, lse), rep_ms=20)
         mb = opart.numel() * 4 / 1e6
         head = f"{cfg} b={b:<3d} s={splits:<2d} {'ok' if ok is None else 'FAIL'}"
-        print(f"{head} | full {full:6.1f} | main {t_main:6.1f} | comb {t_comb:6.1f} | {mb:.1f} MB | merged {merged}")
+        print(f"{head} | full {full:6.1f} | main {t_main:6.1f} | comb {t_comb:6.1f} | {mb:.1f} MB{merged}")
+
+
+def merge_check() -> None:
+    """Cluster merge vs partials + combine on the GPU tests' inputs (holes, empty rows, poisoned slots): where the
+    two outputs differ by more than one bf16 rounding, and each one's error against the fp32 reference."""
+    gt = gpu_tests
+    for b, h, k2, force in ((16, 64, 512, None), (64, 64, 512, None), (16, 128, 1024, None), (32, 128, 1024, None),
+                            (16, 64, 512, 2), (32, 64, 512, 2), (8, 128, 1024, 2)):  # fmt: skip
+        attn.FORCE_SPLITS = force
+        q, c1, i1, l1, c2, i2, l2, s = gt._attn_inputs(b, h, 128, k2, seed=b + h + 1)
+        kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+        ns = attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2)
+        ref = ref_attention(q, c1, i1, l1, **kw)[0].float()
+        m = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
+        attn.CLUSTER_MERGE = False
+        c = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
+        attn.CLUSTER_MERGE = True
+        bad = (m - c).abs() > c.abs().maximum(m.abs()) * 2**-7 + 1e-6
+        line = f"b={b} h={h} ns={ns} force={force}: >1 ulp apart {int(bad.sum())} of {bad.numel()}"
+        line += f" | max err merged {float((m - ref).abs().max()):.2e} combined {float((c - ref).abs().max()):.2e}"
+        idx_ = bad.nonzero()[:4].tolist()
+        line += " | " + " ".join(f"{tuple(i)}: m {float(m[tuple(i)]):.4g} c {float(c[tuple(i)]):.4g} "
+                                 f"r {float(ref[tuple(i)]):.4g}" for i in idx_)  # fmt: skip
+        if bad.any():
+            rows = bad.any(-1).nonzero()[:, [0, 2]]
+            line += f" | rows (b, head) {rows[:8].tolist()}"
+        print(line, flush=True)
+    attn.FORCE_SPLITS = None
 
 
 def run_attn(b: int) -> None:
@@ -422,6 +455,7 @@ def main() -> None:
     cmds.update({"run-attn": run_attn, "run-fused": run_fused, "pdl-probe": pdl_probe, "attn-tiles": attn_tiles})
     cmds["attn-trace"] = attn_trace
     cmds["split-parts"] = split_parts
+    cmds["merge-check"] = merge_check
     cmds[cmd](*args)
 
 

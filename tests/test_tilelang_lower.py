@@ -89,11 +89,11 @@ def test_attention_ws_pair_mode_lowers():
         assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other
 
 
-@pytest.mark.parametrize(("h", "ns"), [(128, 2), (64, 4), (96, 8)], ids=["pro-2", "flash-4", "96heads-8"])
+@pytest.mark.parametrize(("h", "ns"), [(128, 2), (64, 3), (96, 8)], ids=["pro-2", "flash-3", "96heads-8"])
 def test_attention_ws_cluster_merge_lowers(h, ns):
     """The split path as one cluster of `ns` CTAs a row: each CTA's LSEs read by the cluster, its scaled partial
-    staged as fp32 (swizzled) in its K tiles' memory, its 64 / ns rows summed over the cluster's partials in
-    distributed shared memory and written as bf16 - three cluster barriers, no partials in global memory."""
+    staged as fp32 (swizzled) in its K tiles' memory, its 1 / ns of the output summed over the cluster's partials
+    in distributed shared memory and written as bf16 - three cluster barriers, no partials in global memory."""
     func = attn.build_attend_ws(h, 64, 64, SCALE, True, merge=ns)
     assert f'"cluster_dims": [{ns}, 1, 1]' in func.script()
     assert [p.name for p in func.params][9:12] == ["Sink_handle", "O_handle", "Lse_handle"]  # as the direct path
@@ -106,21 +106,26 @@ def test_attention_ws_cluster_merge_lowers(h, ns):
 
 
 def test_attention_cluster_merge_plan():
-    """Which split counts merge in a cluster (2, 4 or 8 CTAs with the same blocks a split), and bad sizes."""
-    assert attn.CLUSTER_MERGE
+    """Which split counts merge in a cluster (2 CTAs on the H100, where the heuristic splits in two: V4-Flash
+    b=45..66, V4-Pro b=23..33; other sizes only through the MERGE_SIZES knob, with the same blocks a split), and bad
+    sizes."""
+    assert attn.CLUSTER_MERGE and attn.MERGE_SIZES == (2,)
     flash, pro = (128, 512), (128, 1024)  # 10 and 18 blocks a row
-    for b, want in ((1, 0), (16, 8), (32, 4), (64, 2), (128, 0)):
+    for b, want in ((1, 0), (32, 0), (44, 0), (45, 2), (64, 2), (66, 2), (67, 0), (128, 0)):
         assert attn.cluster_merge(attn.choose_splits(b, 1, 64, *flash, "ws"), *flash) == want, b
-    for b, want in ((1, 0), (4, 0), (8, 8), (16, 4), (32, 2), (64, 0)):
+    for b, want in ((1, 0), (16, 0), (22, 0), (23, 2), (32, 2), (33, 2), (34, 0), (64, 0)):
         assert attn.cluster_merge(attn.choose_splits(b, 1, 128, *pro, "ws"), *pro) == want, b
-    assert attn.cluster_merge(3, 128, 64) == 4  # 3 blocks: 4 splits of one, the last empty
-    old = attn.CLUSTER_MERGE
+    old = attn.CLUSTER_MERGE, attn.MERGE_SIZES
     try:
+        attn.MERGE_SIZES = (2, 3, 4, 8)
+        assert attn.cluster_merge(3, 128, 64) == 3 and attn.cluster_merge(4, *flash) == 4  # 3 / 10 blocks
+        assert attn.cluster_merge(5, *flash) == 8 and attn.cluster_merge(6, *pro) == 8  # 2 / 3 blocks a split
+        assert attn.cluster_merge(10, *flash) == 0  # one block a split: no larger cluster keeps that
         attn.CLUSTER_MERGE = False
-        assert attn.cluster_merge(4, *flash) == 0
+        assert attn.cluster_merge(2, *flash) == 0
     finally:
-        attn.CLUSTER_MERGE = old
-    for bad in (dict(merge=3), dict(merge=16), dict(merge=4, stages=3), dict(merge=4, bi=32)):
+        attn.CLUSTER_MERGE, attn.MERGE_SIZES = old
+    for bad in (dict(merge=1), dict(merge=9), dict(merge=4, stages=3), dict(merge=4, bi=32)):
         with pytest.raises(ValueError, match="cluster merge"):
             attn.build_attend_ws(64, 64, 64, SCALE, True, **bad)
     with pytest.raises(ValueError, match="cluster merge"):

@@ -85,6 +85,7 @@ COMBINE_PDL = True  # the combine is a programmatic dependent launch of the spli
 # ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
 # count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
 CLUSTER_MERGE = True
+MERGE_SIZES: tuple[int, ...] = (2,)  # cluster sizes `cluster_merge` may pick (bench knob: 2..8)
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
 # 168 registers per thread (65536 / 384, rounded down to 8) and `setmaxnreg.inc` blocks until the other
@@ -411,8 +412,8 @@ def build_attend_ws(
         raise ValueError(f"ws attention: blocks of 32 or 64 keys on 2-4 stages, got {BI} x {KS}")
     NHB = (h + HB - 1) // HB
     MERGE = merge
-    if MERGE and (MERGE not in (2, 4, 8) or not split or BI != 64 or KS != 2 or TRACE):
-        raise ValueError(f"ws attention: cluster merge of 2, 4 or 8 splits (64-key blocks, 2 stages), got {MERGE}")
+    if MERGE and (not 2 <= MERGE <= 8 or not split or BI != 64 or KS != 2 or TRACE):
+        raise ValueError(f"ws attention: cluster merge of 2-8 splits (64-key blocks, 2 stages), got {MERGE}")
     # pair mode (two head blocks, 64-key blocks): the row's two CTAs form a 2-CTA cluster; CTA `rank` dequantizes
     # keys 32 rank .. 32 rank + 31 of every block into its own K tile, then one thread copies that half (rows
     # 32 rank .. 32 rank + 31 of each 64-column chunk of the 128B-swizzled tile: 8 x 4 KB) and its 32 valid flags
@@ -752,12 +753,15 @@ def build_attend_ws(
 
     @T.macro
     def merge_rows(K_s, Out, b, sq, h0, sp, tx):
-        # cluster merge: this CTA's HB / MERGE rows of the output, each the sum of the cluster's staged partials
-        ROWS, UNITS = HB // MERGE, D // 4
-        for k in T.serial((ROWS * UNITS + WS_THREADS - 1) // WS_THREADS):
-            if k * WS_THREADS + tx < ROWS * UNITS:
-                row = sp * ROWS + (k * WS_THREADS + tx) // UNITS
-                c4 = (k * WS_THREADS + tx) % UNITS
+        # cluster merge: this CTA's 1 / MERGE of the output's 4-column units (whole rows when MERGE divides HB),
+        # each the sum of the cluster's staged partials
+        UNITS = D // 4  # a row's units
+        PER = (HB * UNITS + MERGE - 1) // MERGE  # units a CTA
+        for k in T.serial((PER + WS_THREADS - 1) // WS_THREADS):
+            u = sp * PER + k * WS_THREADS + tx
+            if k * WS_THREADS + tx < PER and u < HB * UNITS:
+                row = u // UNITS
+                c4 = u % UNITS
                 if h0 + row < h:
                     T.call_extern(
                         "handle", f"dsv4fn_merge4<{MERGE}>", T.address_of(K_s[0, 0, 0]), row, c4,
@@ -1242,15 +1246,15 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
 
 
 def cluster_merge(splits: int, k1: int, k2: int) -> int:
-    """The cluster size that merges `splits` splits of a ws row in distributed shared memory, 0 for none: the
-    smallest of 2, 4, 8 (a portable cluster) at or above `splits` that gives each split the same number of 64-key
-    blocks (the extra splits of a larger cluster are empty: they load Q and stage zeros). More than 8 splits (the
-    one-row cases) keep the partials and the combine kernel."""
-    if not CLUSTER_MERGE or splits <= 1:
-        return 0
+    """The cluster size that merges the `splits` splits of a ws row in distributed shared memory, 0 for none
+    (partials + the combine kernel). Only 2: one CTA an SM, clusters of 4 or 8 do not all fit in one wave on the
+    H100 (132 SMs in GPCs of unequal size) and ran 1.5-1.9x slower than partials + combine (bench/results/h100/
+    tilelang_profile_2026-11-25_session9.txt); `MERGE_SIZES` is the bench knob to try others."""
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
+    if not CLUSTER_MERGE or splits <= 1 or blocks < 2:
+        return 0
     per = math.ceil(blocks / splits)
-    return next((c for c in (2, 4, 8) if c >= splits and math.ceil(blocks / c) == per), 0)
+    return next((c for c in MERGE_SIZES if c >= splits and math.ceil(blocks / c) == per), 0)
 
 
 def _check_geometry(cache: PagedKVCache) -> None:
