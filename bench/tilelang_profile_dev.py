@@ -361,10 +361,13 @@ def pdl_probe() -> None:
 MERGE_TRY = (2, 3)  # split-parts: cluster sizes tried (4 and 8: 1.5-1.9x slower, session 9)
 
 
-def split_parts() -> None:
+def split_parts(*which: str) -> None:
     """Attention's split path: the whole op with partials + combine, its main (partials) kernel alone and its
     combine alone, and the whole op merged in a cluster where `cluster_merge` allows (graphflush us)."""
     cases = [("flash", 64, 512, b) for b in (1, 4, 16, 32, 48, 64)] + [("pro", 128, 1024, b) for b in (1, 8, 16, 32)]
+    if which:  # e.g. flash:36,40 pro:18
+        geo = {"flash": (64, 512), "pro": (128, 1024)}
+        cases = [(c, *geo[c], int(b)) for w in which for c, bs in [w.split(":")] for b in bs.split(",")]
     jobs = [lambda h=h: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True) for h in (64, 128)]
     jobs += [lambda h=h, n=n: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True, True, n)
              for h in (64, 128) for n in MERGE_TRY]  # fmt: skip
@@ -377,13 +380,14 @@ def split_parts() -> None:
             continue
         expect = ref_attention(q, c1, i1, l1, **kw)
         merged = ""
-        for ns in MERGE_TRY:  # ns splits merged in an ns-CTA cluster
-            attn.FORCE_SPLITS, attn.MERGE_SIZES = ns, (ns,)
-            assert attn.cluster_merge(ns, 128, extra) == ns
+        waves = attn.CLUSTER_WAVE_CTAS
+        for ns in MERGE_TRY:  # ns splits merged in an ns-CTA cluster (even where it takes two waves)
+            attn.FORCE_SPLITS, attn.MERGE_SIZES, attn.CLUSTER_WAVE_CTAS = ns, (ns,), {ns: 1 << 30}
+            assert attn.cluster_merge(ns, 128, extra, b * h // 64) == ns
             ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
             t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
             merged += f" | {ns} merged {t:6.1f} {'ok' if ok is None else 'FAIL'}"
-        attn.FORCE_SPLITS, attn.MERGE_SIZES = None, (2,)
+        attn.FORCE_SPLITS, attn.MERGE_SIZES, attn.CLUSTER_WAVE_CTAS = None, (2, 3), waves
         attn.CLUSTER_MERGE = False
         ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
         full = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
@@ -412,7 +416,7 @@ def merge_check() -> None:
         attn.FORCE_SPLITS = force
         q, c1, i1, l1, c2, i2, l2, s = gt._attn_inputs(b, h, 128, k2, seed=b + h + 1)
         kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
-        ns = attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2)
+        ns = attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2, b * -(-h // 64))
         ref = ref_attention(q, c1, i1, l1, **kw)[0].float()
         m = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
         attn.CLUSTER_MERGE = False
@@ -448,7 +452,7 @@ def run_fused(t_: int, n: int) -> None:
 
 def main() -> None:
     cmd = sys.argv[1]
-    text_args = ("attn-scan", "attn-probe", "fused-sweep", "attn-trace")
+    text_args = ("attn-scan", "attn-probe", "fused-sweep", "attn-trace", "split-parts")
     args = sys.argv[2:] if cmd in text_args else [int(a) for a in sys.argv[2:]]
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     cmds = {"attn-scan": attn_scan, "attn-probe": attn_probe, "fused-sweep": fused_sweep, "merge-sweep": merge_sweep}

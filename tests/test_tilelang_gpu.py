@@ -5,7 +5,7 @@ reference sets.
 Compile budget (one cold device call): every kernel this file needs is compiled up front, side by side
 (`_tilelang_compat.precompile`), by the module fixture `_kernels_compiled`:
   attention ws  : direct + split/combine for 64 heads (Flash) and 128 heads (Pro), direct for 8 heads;
-                  cluster merge of 2 splits for 64, 128 and 96 heads, of 3 (forced) for 64
+                  cluster merge of 2 splits for 64, 128 and 96 heads, of 3 for 64 and 128
   attention old : legacy split + combine, 64 heads (test_attention_exact_dequant[legacy] only: 16 rows of
                   2 blocks take the split path in both kernels)
   indexer       : logits; chunk top-k + merge for topk 512 and 1024
@@ -41,7 +41,7 @@ def _kernels_compiled():
         pytest.skip("needs CUDA")
     hs = [(h, s) for h in (64, 128) for s in (False, True)]
     jobs = [lambda h=h, s=s: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, s) for h, s in hs]
-    merges = [(64, 2), (128, 2), (96, 2), (64, 3)]
+    merges = [(64, 2), (128, 2), (96, 2), (64, 3), (128, 3)]
     jobs += [lambda h=h, n=n: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True, True, n) for h, n in merges]
     jobs += [
         lambda: attn._kernels("ws", 8, 448, 64, 64, 64, 64, SCALE, False),
@@ -194,33 +194,32 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
 
 @pytest.mark.parametrize(
     ("b", "h", "k2", "ns", "force"),
-    [(64, 64, 512, 2, None), (48, 64, 512, 2, None), (32, 128, 1024, 2, None), (24, 96, 1024, 2, None),
-     (32, 64, 512, 3, 3)],
-    ids=["flash-b64", "flash-b48", "pro-b32", "96heads-b24", "flash-b32-forced-3"],
-)  # fmt: skip
-def test_attention_cluster_merge(b, h, k2, ns, force, monkeypatch):
-    """The split path merged in a cluster of `ns` CTAs (3, forced: rows split between the CTAs mid-row) against
-    the reference and against partials + combine over the same splits (the same math summed in another order:
-    equal LSEs, outputs within one bf16 rounding); deterministic, and replayed from a CUDA graph into NaN-poisoned
-    outputs with new queries. Holes, empty and one-key rows, NaN-poisoned slots past each length, a masked head
-    tail (96)."""
+    [(64, 64, 512, 2), (40, 64, 512, 2), (32, 128, 1024, 2), (24, 96, 1024, 2), (32, 64, 512, 3), (16, 128, 1024, 3)],
+    ids=["flash-b64", "flash-b40", "pro-b32", "96heads-b24", "flash-b32", "pro-b16"],
+)
+def test_attention_cluster_merge(b, h, k2, ns, monkeypatch):
+    """The split path merged in a cluster of `ns` CTAs (3: output rows shared between CTAs mid-row; flash b40: 3
+    splits by the heuristic, merged in 2) against the reference and against partials + combine over the same
+    splits (the same math summed in another order: equal LSEs, outputs within one bf16 rounding); deterministic,
+    and replayed from a CUDA graph into NaN-poisoned outputs with new queries. Holes, empty and one-key rows,
+    NaN-poisoned slots past each length, a masked head tail (96)."""
     q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, h, 128, k2, seed=b + h + 1)
     kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
-    monkeypatch.setattr(attn, "FORCE_SPLITS", force)
-    monkeypatch.setattr(attn, "MERGE_SIZES", (ns,))
-    assert attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2) == ns
+    assert attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2, b * -(-h // 64)) == ns
     expect = ref_attention(q, c1, i1, l1, **kw)
     merged = attn.sparse_attention(q, c1, i1, l1, **kw)
     _check_attn(expect, merged)
     again = attn.sparse_attention(q, c1, i1, l1, **kw)
     assert torch.equal(merged[0], again[0]) and torch.equal(merged[1], again[1])
     monkeypatch.setattr(attn, "CLUSTER_MERGE", False)
+    monkeypatch.setattr(attn, "FORCE_SPLITS", ns)  # the combine over the same splits
     combined = attn.sparse_attention(q, c1, i1, l1, **kw)
     _check_attn(expect, combined)
     torch.testing.assert_close(merged[1], combined[1], rtol=1e-6, atol=0)
     mo, co = merged[0].float(), combined[0].float()
     assert bool(((mo - co).abs() <= co.abs().maximum(mo.abs()) * 2**-7 + 1e-6).all())
     monkeypatch.setattr(attn, "CLUSTER_MERGE", True)
+    monkeypatch.setattr(attn, "FORCE_SPLITS", None)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = attn.sparse_attention(q, c1, i1, l1, **kw)
@@ -239,7 +238,7 @@ def test_no_recompile_per_batch_size():
     compiled kernels (TileLang's JIT caches and `_kernels` do not grow)."""
     jits = (attn._attend_ws_kernel, attn._combine_kernel, idx._logits_kernel)
     before = [len(j._kernel_cache) for j in jits], attn._kernels_for.cache_info().currsize
-    for b, k2 in ((3, 64), (5, 192), (60, 256), (100, 128), (101, 320)):  # split (3, 5 splits; 2: merged), direct
+    for b, k2 in ((3, 64), (5, 192), (60, 256), (100, 128), (101, 320)):  # split: merged in 3s, 3s, 2s; direct
         q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, 64, 128, k2, seed=b)
         kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
         attn.sparse_attention(q, c1, i1, l1, **kw)

@@ -106,23 +106,29 @@ def test_attention_ws_cluster_merge_lowers(h, ns):
 
 
 def test_attention_cluster_merge_plan():
-    """Which split counts merge in a cluster (2 CTAs on the H100, where the heuristic splits in two: V4-Flash
-    b=45..66, V4-Pro b=23..33; other sizes only through the MERGE_SIZES knob, with the same blocks a split), and bad
-    sizes."""
-    assert attn.CLUSTER_MERGE and attn.MERGE_SIZES == (2,)
+    """Where a split row merges in a cluster instead of partials + combine (2 or 3 CTAs, one wave of clusters, at
+    most one more block a split than the heuristic's splits), and bad sizes."""
+    assert attn.CLUSTER_MERGE and attn.MERGE_SIZES == (2, 3)
     flash, pro = (128, 512), (128, 1024)  # 10 and 18 blocks a row
-    for b, want in ((1, 0), (32, 0), (44, 0), (45, 2), (64, 2), (66, 2), (67, 0), (128, 0)):
-        assert attn.cluster_merge(attn.choose_splits(b, 1, 64, *flash, "ws"), *flash) == want, b
-    for b, want in ((1, 0), (16, 0), (22, 0), (23, 2), (32, 2), (33, 2), (34, 0), (64, 0)):
-        assert attn.cluster_merge(attn.choose_splits(b, 1, 128, *pro, "ws"), *pro) == want, b
+
+    def plan(b, h, k1, k2):
+        return attn.cluster_merge(attn.choose_splits(b, 1, h, k1, k2, "ws"), k1, k2, b * -(-h // 64))
+
+    # V4-Flash: 5 splits of 2 blocks (b=14..26) keep the combine (3 blocks a split in 3s is 2 more); 4 splits of 3
+    # merge in 3s (4 blocks) while 3 x b CTAs fit (b <= 32); 3 splits of 4 in 2s (5 blocks); 2 in 2s
+    for b, want in ((1, 0), (13, 0), (26, 0), (27, 3), (32, 3), (33, 0), (34, 2), (44, 2), (66, 2), (67, 0)):
+        assert plan(b, 64, *flash) == want, b
+    # V4-Pro (two head blocks a row): 4 splits of 5 blocks merge in 3s (6) for b=14..16; 3 splits of 6 would fit
+    # 3s only to b=16 and take 9 blocks in 2s: combine; 2 splits in 2s
+    for b, want in ((1, 0), (8, 0), (13, 0), (14, 3), (16, 3), (17, 0), (22, 0), (23, 2), (33, 2), (34, 0)):
+        assert plan(b, 128, *pro) == want, b
+    assert attn.cluster_merge(3, 128, 64, 8) == 3 and attn.cluster_merge(3, 128, 64, 40) == 2  # 3 blocks a row
     old = attn.CLUSTER_MERGE, attn.MERGE_SIZES
     try:
-        attn.MERGE_SIZES = (2, 3, 4, 8)
-        assert attn.cluster_merge(3, 128, 64) == 3 and attn.cluster_merge(4, *flash) == 4  # 3 / 10 blocks
-        assert attn.cluster_merge(5, *flash) == 8 and attn.cluster_merge(6, *pro) == 8  # 2 / 3 blocks a split
-        assert attn.cluster_merge(10, *flash) == 0  # one block a split: no larger cluster keeps that
+        attn.MERGE_SIZES = (2, 3, 4, 8)  # 4 and 8 have no wave size: never picked
+        assert attn.cluster_merge(4, *flash, 8) == 3 and attn.cluster_merge(8, *flash, 4) == 0
         attn.CLUSTER_MERGE = False
-        assert attn.cluster_merge(2, *flash) == 0
+        assert attn.cluster_merge(2, *flash, 8) == 0
     finally:
         attn.CLUSTER_MERGE, attn.MERGE_SIZES = old
     for bad in (dict(merge=1), dict(merge=9), dict(merge=4, stages=3), dict(merge=4, bi=32)):

@@ -85,7 +85,11 @@ COMBINE_PDL = True  # the combine is a programmatic dependent launch of the spli
 # ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
 # count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
 CLUSTER_MERGE = True
-MERGE_SIZES: tuple[int, ...] = (2,)  # cluster sizes `cluster_merge` may pick (bench knob: 2..8)
+MERGE_SIZES: tuple[int, ...] = (2, 3)  # cluster sizes `cluster_merge` may pick (bench knob: 2..8)
+# CTAs of one wave of clusters of that size (one CTA an SM; H100 SXM, measured in session 9: 66 clusters of 2 and 36
+# of 3 run at once, none of 4 or 8 as a full wave at 32 / 16 clusters). Clusters live inside a GPC and how many SMs
+# each GPC has varies from chip to chip: 3 keeps a margin (32 clusters); a size not listed never merges.
+CLUSTER_WAVE_CTAS = {2: NUM_SMS_TARGET, 3: 96}
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
 # 168 registers per thread (65536 / 384, rounded down to 8) and `setmaxnreg.inc` blocks until the other
@@ -1245,16 +1249,19 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
     return max(1, min(blocks, math.ceil(NUM_SMS_TARGET / programs), 16))
 
 
-def cluster_merge(splits: int, k1: int, k2: int) -> int:
-    """The cluster size that merges the `splits` splits of a ws row in distributed shared memory, 0 for none
-    (partials + the combine kernel). Only 2: one CTA an SM, clusters of 4 or 8 do not all fit in one wave on the
-    H100 (132 SMs in GPCs of unequal size) and ran 1.5-1.9x slower than partials + combine (bench/results/h100/
-    tilelang_profile_2026-11-25_session9.txt); `MERGE_SIZES` is the bench knob to try others."""
+def cluster_merge(splits: int, k1: int, k2: int, programs: int) -> int:
+    """The cluster size whose CTAs split a ws row and merge it in distributed shared memory (no partials, no
+    combine kernel) instead of `splits` splits + combine, or 0. The largest size in MERGE_SIZES that is at most
+    `splits`, whose clusters for `programs` (rows x head blocks) fit in one wave (CLUSTER_WAVE_CTAS), and that gives
+    a split at most one more 64-key block than `splits` do: the combine costs 5-9 us, about what one block does,
+    more blocks do not pay (bench/results/h100/tilelang_profile_2026-11-25_session9.txt). H100: V4-Flash merges
+    b=27..32 in 3s, 34..66 in 2s; V4-Pro b=14..16 in 3s, 23..33 in 2s."""
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
     if not CLUSTER_MERGE or splits <= 1 or blocks < 2:
         return 0
     per = math.ceil(blocks / splits)
-    return next((c for c in MERGE_SIZES if c >= splits and math.ceil(blocks / c) == per), 0)
+    fits = [c for c in MERGE_SIZES if c <= splits and c * programs <= CLUSTER_WAVE_CTAS.get(c, 0)]
+    return max((c for c in fits if math.ceil(blocks / c) <= per + 1), default=0)
 
 
 def _check_geometry(cache: PagedKVCache) -> None:
@@ -1302,7 +1309,8 @@ def tl_sparse_attention(
     b, s_q, h, d = q.shape
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
-    merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1]) if impl == "ws" else 0
+    programs = b * s_q * ((h + HEAD_BLOCK - 1) // HEAD_BLOCK)
+    merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1], programs) if impl == "ws" else 0
     main, comb = _kernels(
         impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, merge
     )  # fmt: skip
