@@ -193,7 +193,7 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("b", "h", "k2", "ns", "force"),
+    ("b", "h", "k2", "ns"),
     [(64, 64, 512, 2), (40, 64, 512, 2), (32, 128, 1024, 2), (24, 96, 1024, 2), (32, 64, 512, 3), (16, 128, 1024, 3)],
     ids=["flash-b64", "flash-b40", "pro-b32", "96heads-b24", "flash-b32", "pro-b16"],
 )
