@@ -914,33 +914,7 @@ def build_attend_ws(
 
         return body
 
-    if split and MERGE:
-        body = kernel_body("merge")
-
-        @T.prim_func
-        def attend_ws_merged(
-            Q: T.Tensor[(B, SQ, h, D), bf16],
-            Idx1: T.Tensor[(B, SQ, K1), i32],
-            Len1: T.Tensor[(B,), i32],
-            C1w: T.Tensor[(W1,), i32],
-            C1h: T.Tensor[(H1,), bf16],
-            Idx2: T.Tensor[(B, SQ, K2), i32],
-            Len2: T.Tensor[(B,), i32],
-            C2w: T.Tensor[(W2,), i32],
-            C2h: T.Tensor[(H2,), bf16],
-            Sink: T.Tensor[(h,), f32],
-            O: T.Tensor[(B, SQ, h, D), bf16],
-            Lse: T.Tensor[(B, h, SQ), f32],
-            rpp1: T.int32,
-            rpp2: T.int32,
-        ):
-            with T.Kernel(NHB * MERGE, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
-                body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx // MERGE) * HB,
-                     bx % MERGE, MERGE, Sink, O, Lse)  # fmt: skip
-
-        return attend_ws_merged
-
-    if split:
+    if split and not MERGE:
         body = kernel_body("partial")
 
         @T.prim_func
@@ -965,7 +939,9 @@ def build_attend_ws(
 
         return attend_ws_partial
 
-    body = kernel_body("direct")
+    # the row's output written here: by one CTA a head block, or (cluster merge) by the MERGE CTAs of its splits
+    SPL = MERGE or 1
+    body = kernel_body("merge" if MERGE else "direct")
 
     @T.prim_func
     def attend_ws_direct(
@@ -984,8 +960,9 @@ def build_attend_ws(
         rpp1: T.int32,
         rpp2: T.int32,
     ):
-        with T.Kernel(NHB, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
-            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, bx * HB, 0, 1, Sink, O, Lse)
+        with T.Kernel(NHB * SPL, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
+            body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx // SPL) * HB, bx % SPL, SPL,
+                 Sink, O, Lse)  # fmt: skip
 
     return attend_ws_direct
 
