@@ -9,7 +9,9 @@ fused indexer top-k goes. Every variant is checked against the torch reference b
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
     python -m bench.tilelang_profile_dev attn-trace [pro] [PROBE...]  # attention ws: per-block timeline (SM clock)
     python -m bench.tilelang_profile_dev pdl-probe      # fused top-k chunk kernel probes; PDL merge / combine on, off
-    python -m bench.tilelang_profile_dev split-parts    # attention split path: full op, main kernel, combine apart
+    python -m bench.tilelang_profile_dev split-parts [flash:B,.. pro:B,..]  # attention split path: the op, its
+                                                        # kernels apart, merged in 2- / 3-CTA clusters instead
+    python -m bench.tilelang_profile_dev merge-check    # attention: cluster merge vs partials + combine, where apart
     python -m bench.tilelang_profile_dev run-attn B     # a few attention calls at batch B (for ncu)
     python -m bench.tilelang_profile_dev run-fused T N  # a few fused top-k calls, T tokens x N keys (for ncu)
 
