@@ -123,6 +123,13 @@ def test_attention_cluster_merge_plan():
     for b, want in ((1, 0), (8, 0), (13, 0), (14, 3), (16, 3), (17, 0), (22, 0), (23, 2), (33, 2), (34, 0)):
         assert plan(b, 128, *pro) == want, b
     assert attn.cluster_merge(3, 128, 64, 8) == 3 and attn.cluster_merge(3, 128, 64, 40) == 2  # 3 blocks a row
+    # another SM count (78, an H20): the splits follow it; clusters of 2 up to one CTA an SM, none of 3 (unmeasured)
+    assert (
+        attn.choose_splits(32, 1, 64, *flash, "ws", sms=78) == 2
+        and attn.choose_splits(59, 1, 64, *flash, "ws", 78) == 1
+    )
+    assert attn.cluster_merge(2, *flash, 39, sms=78) == 2 and attn.cluster_merge(2, *flash, 40, sms=78) == 0
+    assert attn.cluster_merge(4, *flash, 8, sms=78) == 0 and attn.cluster_merge(4, *flash, 8) == 3
     old = attn.CLUSTER_MERGE, attn.MERGE_SIZES
     try:
         attn.MERGE_SIZES = (2, 3, 4, 8)  # 4 and 8 have no wave size: never picked

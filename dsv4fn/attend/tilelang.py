@@ -72,7 +72,7 @@ from ..state import PagedKVCache
 BLOCK_I = 64  # keys per block
 HEAD_BLOCK = 64  # heads per program (at most)
 THREADS = 256  # legacy kernel
-NUM_SMS_TARGET = 132  # H100 SXM
+NUM_SMS_TARGET = 132  # H100 / H200 SXM: the split plans' SM count without a GPU (calls use the device's)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -86,9 +86,10 @@ COMBINE_PDL = True  # the combine is a programmatic dependent launch of the spli
 # count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
 CLUSTER_MERGE = True
 MERGE_SIZES: tuple[int, ...] = (2, 3)  # cluster sizes `cluster_merge` may pick (bench knob: 2..8)
-# CTAs of one wave of clusters of that size (one CTA an SM; H100 SXM, measured in session 9: 66 clusters of 2 and 36
-# of 3 run at once, none of 4 or 8 as a full wave at 32 / 16 clusters). Clusters live inside a GPC and how many SMs
-# each GPC has varies from chip to chip: 3 keeps a margin (32 clusters); a size not listed never merges.
+# CTAs of one wave of clusters of that size on a 132-SM GH100 (one CTA an SM; measured on the H100 in session 9: 66
+# clusters of 2 and 36 of 3 run at once, 32 of 4 and 16 of 8 do not). Clusters live inside a GPC and how many SMs
+# each GPC has varies from chip to chip: 3 keeps a margin (32 clusters); a size not listed never merges. Other SM
+# counts (unmeasured): clusters of 2 up to the SMs (pairs of SMs), no others.
 CLUSTER_WAVE_CTAS = {2: NUM_SMS_TARGET, 3: 96}
 
 # warp-specialised kernel: 3 warpgroups with setmaxnreg budgets (multiples of 8). The CTA is launched with
@@ -1204,29 +1205,30 @@ def build_combine(h: int, d: int, pdl: bool = True):
     return attend_combine
 
 
-def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legacy") -> int:
-    """KV splits per row (host-only arithmetic, from shapes): fill the SMs when the batch alone cannot.
+def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legacy", sms: int = NUM_SMS_TARGET) -> int:
+    """KV splits per row (host-only arithmetic, from shapes and the GPU's `sms`): fill the SMs when the batch
+    alone cannot.
 
-    legacy: one wave of ~132 programs when fewer than 66 rows. ws (one 384-thread CTA per SM): split
-    only while the rows fill under ~3/4 of the SMs, into at most 132 // rows parts (and 32), so every CTA
+    legacy: one wave of ~sms programs when fewer than sms / 2 rows. ws (one 384-thread CTA per SM): split
+    only while the rows fill under ~3/4 of the SMs, into at most sms // rows parts (and 32), so every CTA
     runs in the first wave; then as few parts as give the same blocks per part (an empty part still costs
-    a CTA and a partial). V4-Flash (10 blocks): b=1 10 splits of 1 block, b=32 4, b=64 2, b>=100 1;
+    a CTA and a partial). 132 SMs, V4-Flash (10 blocks): b=1 10 splits of 1 block, b=32 4, b=64 2, b>=100 1;
     V4-Pro (2 head blocks, 18 blocks): b=1 18 of 1 block, b=4 9 of 2, b=32 2."""
     if FORCE_SPLITS is not None:
         return max(1, int(FORCE_SPLITS))
     programs = b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
     if impl == "ws":
-        if programs >= (3 * NUM_SMS_TARGET) // 4 or blocks <= 1:
+        if programs >= (3 * sms) // 4 or blocks <= 1:
             return 1
-        per = math.ceil(blocks / max(1, min(blocks, NUM_SMS_TARGET // programs, 32)))
+        per = math.ceil(blocks / max(1, min(blocks, sms // programs, 32)))
         return math.ceil(blocks / per)
-    if programs >= NUM_SMS_TARGET // 2 or blocks <= 1:
+    if programs >= sms // 2 or blocks <= 1:
         return 1
-    return max(1, min(blocks, math.ceil(NUM_SMS_TARGET / programs), 16))
+    return max(1, min(blocks, math.ceil(sms / programs), 16))
 
 
-def cluster_merge(splits: int, k1: int, k2: int, programs: int) -> int:
+def cluster_merge(splits: int, k1: int, k2: int, programs: int, sms: int = NUM_SMS_TARGET) -> int:
     """The cluster size whose CTAs split a ws row and merge it in distributed shared memory (no partials, no
     combine kernel) instead of `splits` splits + combine, or 0. The largest size in MERGE_SIZES that is at most
     `splits`, whose clusters for `programs` (rows x head blocks) fit in one wave (CLUSTER_WAVE_CTAS), and that gives
@@ -1237,8 +1239,21 @@ def cluster_merge(splits: int, k1: int, k2: int, programs: int) -> int:
     if not CLUSTER_MERGE or splits <= 1 or blocks < 2:
         return 0
     per = math.ceil(blocks / splits)
-    fits = [c for c in MERGE_SIZES if c <= splits and c * programs <= CLUSTER_WAVE_CTAS.get(c, 0)]
+    waves = CLUSTER_WAVE_CTAS if sms == NUM_SMS_TARGET else {2: sms - sms % 2}
+    fits = [c for c in MERGE_SIZES if c <= splits and c * programs <= waves.get(c, 0)]
     return max((c for c in fits if math.ceil(blocks / c) <= per + 1), default=0)
+
+
+def _device_sms(device: torch.device) -> int:
+    """The GPU's SM count (cached per device), NUM_SMS_TARGET off CUDA (fake tensors, CPU lowering)."""
+    if device.type != "cuda":
+        return NUM_SMS_TARGET
+    return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_geometry(cache: PagedKVCache) -> None:
@@ -1285,9 +1300,10 @@ def tl_sparse_attention(
     sink fp32 [h] (-inf = no sink). Returns (o bf16 [b, s_q, h, d], lse fp32 [b, h, s_q])."""
     b, s_q, h, d = q.shape
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
-    splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl)
+    sms = _device_sms(q.device)
+    splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl, sms)
     programs = b * s_q * ((h + HEAD_BLOCK - 1) // HEAD_BLOCK)
-    merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1], programs) if impl == "ws" else 0
+    merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1], programs, sms) if impl == "ws" else 0
     main, comb = _kernels(
         impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, merge
     )  # fmt: skip
