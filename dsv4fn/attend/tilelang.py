@@ -1232,9 +1232,10 @@ def cluster_merge(splits: int, k1: int, k2: int, programs: int, sms: int = NUM_S
     """The cluster size whose CTAs split a ws row and merge it in distributed shared memory (no partials, no
     combine kernel) instead of `splits` splits + combine, or 0. The largest size in MERGE_SIZES that is at most
     `splits`, whose clusters for `programs` (rows x head blocks) fit in one wave (CLUSTER_WAVE_CTAS), and that gives
-    a split at most one more 64-key block than `splits` do: the combine costs 5-9 us, about what one block does,
-    more blocks do not pay (bench/results/h100/tilelang_profile_2026-11-25_session9.txt). H100: V4-Flash merges
-    b=27..32 in 3s, 34..66 in 2s; V4-Pro b=14..16 in 3s, 23..33 in 2s."""
+    a split at most one more 64-key block than `splits` do: the partials and the combine cost 3-9 us, one more block
+    ~3 and the merge ~1-2, so one more block pays from ~15 MB of partials on and two or more do not (bench/results/
+    h100/tilelang_profile_2026-11-25_session9.txt). H100: V4-Flash merges b=27..32 in 3s, 34..66 in 2s; V4-Pro
+    b=14..16 in 3s, 23..33 in 2s."""
     blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
     if not CLUSTER_MERGE or splits <= 1 or blocks < 2:
         return 0
