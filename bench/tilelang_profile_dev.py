@@ -410,31 +410,27 @@ def split_parts(*which: str) -> None:
 
 
 def merge_check() -> None:
-    """Cluster merge vs partials + combine on the GPU tests' inputs (holes, empty rows, poisoned slots): where the
-    two outputs differ by more than one bf16 rounding, and each one's error against the fp32 reference."""
+    """Cluster merge vs partials + combine on the GPU tests' inputs (holes, empty rows, poisoned slots), both over
+    the splits the merge uses and over the heuristic's (a different cut of a row rounds P differently): where the
+    outputs differ by more than one bf16 rounding, and each one's largest error against the reference."""
     gt = gpu_tests
-    for b, h, k2, force in ((16, 64, 512, None), (64, 64, 512, None), (16, 128, 1024, None), (32, 128, 1024, None),
-                            (16, 64, 512, 2), (32, 64, 512, 2), (8, 128, 1024, 2)):  # fmt: skip
-        attn.FORCE_SPLITS = force
+    for b, h, k2 in ((32, 64, 512), (40, 64, 512), (64, 64, 512), (16, 128, 1024), (32, 128, 1024)):
         q, c1, i1, l1, c2, i2, l2, s = gt._attn_inputs(b, h, 128, k2, seed=b + h + 1)
         kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
-        ns = attn.cluster_merge(attn.choose_splits(b, 1, h, 128, k2, "ws"), 128, k2, b * -(-h // 64))
+        splits = attn.choose_splits(b, 1, h, 128, k2, "ws")
+        ns = attn.cluster_merge(splits, 128, k2, b * -(-h // 64))
         ref = ref_attention(q, c1, i1, l1, **kw)[0].float()
         m = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
+        line = f"b={b} h={h}: merged in {ns}s (heuristic {splits} splits), max err {float((m - ref).abs().max()):.2e}"
         attn.CLUSTER_MERGE = False
-        c = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
-        attn.CLUSTER_MERGE = True
-        bad = (m - c).abs() > c.abs().maximum(m.abs()) * 2**-7 + 1e-6
-        line = f"b={b} h={h} ns={ns} force={force}: >1 ulp apart {int(bad.sum())} of {bad.numel()}"
-        line += f" | max err merged {float((m - ref).abs().max()):.2e} combined {float((c - ref).abs().max()):.2e}"
-        idx_ = bad.nonzero()[:4].tolist()
-        line += " | " + " ".join(f"{tuple(i)}: m {float(m[tuple(i)]):.4g} c {float(c[tuple(i)]):.4g} "
-                                 f"r {float(ref[tuple(i)]):.4g}" for i in idx_)  # fmt: skip
-        if bad.any():
-            rows = bad.any(-1).nonzero()[:, [0, 2]]
-            line += f" | rows (b, head) {rows[:8].tolist()}"
+        for force in (ns, None):
+            attn.FORCE_SPLITS = force
+            c = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
+            bad = (m - c).abs() > c.abs().maximum(m.abs()) * 2**-7 + 1e-6
+            line += f" | combine over {force or splits}: >1 ulp apart {int(bad.sum())} of {bad.numel()},"
+            line += f" max err {float((c - ref).abs().max()):.2e}"
+        attn.CLUSTER_MERGE, attn.FORCE_SPLITS = True, None
         print(line, flush=True)
-    attn.FORCE_SPLITS = None
 
 
 def run_attn(b: int) -> None:
