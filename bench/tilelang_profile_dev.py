@@ -3,7 +3,7 @@
 fused indexer top-k goes. Every variant is checked against the torch reference before it is timed.
 
     python -m bench.tilelang_profile_dev attn-scan [IMPL...]  # attention (ws, legacy): time vs keys per row
-    python -m bench.tilelang_profile_dev attn-probe     # attention ws: time with stages left out
+    python -m bench.tilelang_profile_dev attn-probe [pro] [PROBE...]  # attention ws: stages left out; exact variants
     python -m bench.tilelang_profile_dev merge-sweep    # fused top-k: merge kernel threads per token
     python -m bench.tilelang_profile_dev fused-sweep    # fused top-k: chunk tilings, chunk / merge kernels apart
     python -m bench.tilelang_profile_dev attn-tiles     # attention ws: 32- or 64-key blocks on 2-4 K stages
@@ -76,18 +76,32 @@ def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
+EXACT_PROBES = {"pv_rs", "l2_256"}  # build_attend_ws probes that keep the results exact (checked before timing)
+
+
 def attn_probe(*which: str) -> None:
-    """The ws kernel with stages left out (wrong results, timing only): which stage bounds a block."""
+    """The ws kernel with stages left out (wrong results, timing only): which stage bounds a block; or with the
+    exact variants (EXACT_PROBES, combinable: `attn-probe full pv_rs l2_256 pv_rs,l2_256`), checked against the
+    reference first (ok / FAIL after the time). A first argument `pro` times V4-Pro (128 heads, window 128 + 1024,
+    paired as in production) instead of V4-Flash."""
+    config, which = (which[0], which[1:]) if which[:1] in (("flash",), ("pro",)) else ("flash", which)
+    h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
     probes = [p if p != "full" else "" for p in which] or PROBES
-    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr) for pr in probes])
-    print("attention ws, direct (1 split), window 128 + 512; stages left out; graphflush us")
+    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr) for pr in probes])
+    print(f"attention ws ({config}), direct (1 split), window 128 + {extra}; stages left out; graphflush us")
     for b in (128, 256):
-        args, _, _ = _ws_direct_args(b)
+        args, outs, expect = _ws_direct_args(b, h, extra)
         line = [f"b={b}"]
         for pr in probes:
-            k = attn._attend_ws_kernel(64, 64, 64, SCALE, False, pr)
+            k = attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr)
+            check = ""
+            if set(filter(None, pr.split(","))) <= EXACT_PROBES:
+                for o in outs:
+                    o.fill_(float("nan"))
+                compat.launch(k, *args)
+                check = " ok" if _backend.default_compare(expect, outs) is None else " FAIL"
             t = graphflush_us(lambda: compat.launch(k, *args), rep_ms=20)
-            line.append(f"{pr or 'full'}:{t:.1f}")
+            line.append(f"{pr or 'full'}:{t:.1f}{check}")
         print("  ".join(line), flush=True)
 
 

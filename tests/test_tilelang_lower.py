@@ -3,6 +3,7 @@ V4-Flash and V4-Pro sizes, the generated source keeps the structure the speed de
 dequantization trick of the warp-specialised attention kernel is checked bit for bit, and the
 `_tilelang_compat` workarounds behave. A kernel that stops compiling fails here."""
 
+import functools
 import importlib
 import re
 
@@ -24,6 +25,12 @@ def _lower(prim_func, pass_configs=None) -> str:
     return src
 
 
+@functools.cache
+def _ws_unpaired_src(h: int, split: bool) -> str:
+    """The lowered unpaired ws kernel (shared by the tests that need it: each lowering takes ~8 s on CPU)."""
+    return _lower(attn.build_attend_ws(h, 64, 64, SCALE, split, pair=False), attn.WS_PASS_CONFIGS)
+
+
 def _body(src: str) -> str:
     """The kernel body (after the `__launch_bounds__` definition)."""
     return src[src.index("__launch_bounds__") :]
@@ -39,7 +46,7 @@ def _body(src: str) -> str:
 )
 def test_attention_ws_lowers(h, split):
     """The unpaired kernel (V4-Pro's direct path runs paired by default: test_attention_ws_pair_mode_lowers)."""
-    src = _lower(attn.build_attend_ws(h, 64, 64, SCALE, split, pair=False), attn.WS_PASS_CONFIGS)
+    src = _ws_unpaired_src(h, split)
     body = _body(src)
     assert ("attend_ws_partial_kernel" if split else "attend_ws_direct_kernel") in src
     assert "__launch_bounds__(384, 1)" in src
@@ -162,6 +169,17 @@ def test_attention_ws_trace_probe_lowers():
     body = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, "trace"), attn.WS_PASS_CONFIGS))
     assert body.count("dsv4fn_clock()") >= 9 and body.count("dsv4fn_gtimer()") == 2
     assert "dsv4fn_half_word(" in body and body.count("__syncthreads()") == 3
+
+
+def test_attention_ws_exact_probes_lower():
+    """The two exact development variants (bench/tilelang_profile_dev.py attn-probe pv_rs,l2_256: what FlashMLA does
+    differently) lower: warpgroup 0's P V as an RS wgmma from its bf16 P fragment (warpgroup 1's still reads S_s),
+    the record loads with the L2::256B hint; the default kernel has neither."""
+    body = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, "pv_rs,l2_256"), attn.WS_PASS_CONFIGS))
+    assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2 and "(acc_p + (ki_1 * 8))" in body
+    default = _body(_ws_unpaired_src(64, False))
+    assert "wgmma_rs" not in default and "dsv4fn_ld128_l2(" not in default
+    assert body.count("dsv4fn_ld128_l2(") == default.count("dsv4fn_ld128(") > 0 and "dsv4fn_ld128(" not in body
 
 
 def test_attention_ws_register_budget():

@@ -120,6 +120,16 @@ __device__ __forceinline__ void dsv4fn_ld128(void* dst, const void* src, int ok)
       : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
       : "l"(src), "r"(ok));
 }
+// development probe "l2_256": the same load with FlashMLA's L2 prefetch hint (a whole 256-byte block a miss)
+__device__ __forceinline__ void dsv4fn_ld128_l2(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "l"(src), "r"(ok));
+}
 __device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) {
   unsigned* d = reinterpret_cast<unsigned*>(dst);
   asm volatile(
@@ -405,9 +415,13 @@ def build_attend_ws(
     `probe` (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
     no_sts (converted, not stored); pair mode: no_remote (no half copied to the peer); trace (SM clock stamps of
-    every role and block, written over the output: TRACE_ROWS)."""
+    every role and block, written over the output: TRACE_ROWS). Two probes keep the results exact, to time what
+    FlashMLA does differently: pv_rs (warpgroup 0's P V with P from registers, RS wgmma, without waiting for its own
+    S stores), l2_256 (the producer's record loads with an L2::256B prefetch hint)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
+    PV_RS = "pv_rs" in probes
+    LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
     MISC = len(TRACE_BLOCK)  # the trace's row of single stamps
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
     RECW = WS_REC // 4  # record in 32-bit words (144)
@@ -502,12 +516,11 @@ def build_attend_ws(
         row = prow + slot % P
         for t in T.unroll(NT):
             T.call_extern(
-                "handle", "dsv4fn_ld128", T.address_of(raw[r, t, 0]), T.address_of(Cw[row * RECW + t * 16 + c * 4]),
-                ok[r],
-            )  # fmt: skip
+                "handle", LD128, T.address_of(raw[r, t, 0]), T.address_of(Cw[row * RECW + t * 16 + c * 4]), ok[r]
+            )
         for t in T.unroll(2):
             T.call_extern(
-                "handle", "dsv4fn_ld128", T.address_of(rp[r, t, 0]),
+                "handle", LD128, T.address_of(rp[r, t, 0]),
                 T.address_of(Ch[row * RECH + NOPE // 2 + t * 32 + c * 8]), ok[r],
             )  # fmt: skip
         T.call_extern(
@@ -669,7 +682,7 @@ def build_attend_ws(
     @T.macro
     def consumer0(
         Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0, cnt,
-        acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
+        acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
         stamp_once(trace_s, "WG0 start", tx == 0)
@@ -700,13 +713,21 @@ def build_attend_ws(
             if it > 0:
                 barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
             T.copy(alpha, alpha_s)
-            T.copy(acc_s, S_s)
-            T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
-            T.barrier_arrive(s_ready)
-            named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
-            stamp(trace_s, "S done", it, tx == 0)
-            if "no_pv" not in probes:
-                T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            if PV_RS:  # probe: P from registers for this warpgroup's P V, S_s for warpgroup 1's only
+                T.copy(acc_s, acc_p)
+                T.copy(acc_p, S_s)
+                T.fence_proxy_async()  # S_s is read by warpgroup 1's wgmma (async proxy)
+                T.barrier_arrive(s_ready)
+                stamp(trace_s, "S done", it, tx == 0)
+                T.gemm(acc_p, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            else:
+                T.copy(acc_s, S_s)
+                T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
+                T.barrier_arrive(s_ready)
+                named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
+                stamp(trace_s, "S done", it, tx == 0)
+                if "no_pv" not in probes:
+                    T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV0 done", it, tx == 0)
             release_k(k_free, st, tx, 0)
 
@@ -812,6 +833,7 @@ def build_attend_ws(
                 T.set_max_nreg(REG_WG0, 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 acc_s = T.alloc_fragment([HB, BI], f32)
+                acc_p = T.alloc_fragment([HB, BI], bf16) if PV_RS else None  # probe pv_rs: P in registers
                 m_i = T.alloc_fragment([HB], f32)
                 m_prev = T.alloc_fragment([HB], f32)
                 sumexp = T.alloc_fragment([HB], f32)
@@ -819,7 +841,7 @@ def build_attend_ws(
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
                 consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0,
-                          cnt, acc_o, acc_s, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
+                          cnt, acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
