@@ -12,6 +12,7 @@ arguments and returns the reference's outputs.
   `BackendMismatch` with a worst-element report when they disagree beyond the step's tolerance.
 """
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -43,6 +44,19 @@ _MODULES: dict[str, str] = {
     "norm_rope": "norm_rope",
     "apply_rope": "norm_rope",
 }
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached per device; host-only, no sync), 0 for other devices: the kernels'
+    grid plans follow the GPU they run on (each falls back to its own default at 0)."""
+    if device.type != "cuda":
+        return 0
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class BackendMismatch(AssertionError):

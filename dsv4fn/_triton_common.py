@@ -1,6 +1,5 @@
 """Pieces every Triton kernel module shares: the interpreter switch and exact bf16 rounding."""
 
-import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -8,6 +7,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from . import _backend
 
 
 def interpreting() -> bool:
@@ -33,16 +34,9 @@ except ImportError:  # pragma: no cover
     _plain_launch = None
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (cached); 0 for other devices (callers pick their CPU default)."""
-    if device.type != "cuda":
-        return 0
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _backend.sm_count(device)
 
 
 def triton_op(name: str, *, mutates_args: Iterable[str] | str) -> Callable[[Callable[..., Any]], Any]:

@@ -286,6 +286,9 @@ def test_indexer_fused_tiling_and_auto_rule():
     assert idx.chunk_tiling(4096, 8192, 64, 32) == idx.CHUNK_DEEP  # top-k above a small chunk, 64 CTAs
     assert idx.chunk_tiling(512, 16384, 64, 96) == idx.CHUNK_SMALL  # 384 large chunks: under 3 x 132
     assert idx.chunk_tiling(512, 16384, 64, 128) == idx.CHUNK_LARGE  # 512 large chunks fill 4 CTAs an SM
+    # the GPU's SM count (78, an H20): 3 x 78 = 234 large chunks are enough; 0 (no GPU) is the H100's 132
+    assert idx.chunk_tiling(512, 16384, 64, 64, sms=78) == idx.CHUNK_LARGE
+    assert idx.chunk_tiling(512, 16384, 64, 64, sms=0) == idx.chunk_tiling(512, 16384, 64, 64) == idx.CHUNK_SMALL
     assert idx.fused_is_fast(32, 64, 16384, 512, 64, 128) and idx.fused_is_fast(256, 64, 2048, 512, 64, 128)
     assert idx.fused_is_fast(32, 64, 65536, 512, 64, 128)  # 16 large chunks: 8192 candidates, staged
     assert idx.fused_is_fast(1, 64, 16384, 512, 64, 128) and idx.fused_is_fast(16, 64, 16384, 512, 64, 128)

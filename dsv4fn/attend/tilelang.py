@@ -1267,18 +1267,6 @@ def cluster_merge(splits: int, k1: int, k2: int, programs: int, sms: int = NUM_S
     return max((c for c in fits if math.ceil(blocks / c) <= per + 1), default=0)
 
 
-def _device_sms(device: torch.device) -> int:
-    """The GPU's SM count (cached per device), NUM_SMS_TARGET off CUDA (fake tensors, CPU lowering)."""
-    if device.type != "cuda":
-        return NUM_SMS_TARGET
-    return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sms_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _check_geometry(cache: PagedKVCache) -> None:
     if cache.rope_dim != 64 or cache.nope_dim % 64 != 0 or cache.tile != 64 or cache.nope_dim < 64:
         raise ValueError(
@@ -1323,7 +1311,7 @@ def tl_sparse_attention(
     sink fp32 [h] (-inf = no sink). Returns (o bf16 [b, s_q, h, d], lse fp32 [b, h, s_q])."""
     b, s_q, h, d = q.shape
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
-    sms = _device_sms(q.device)
+    sms = _backend.sm_count(q.device) or NUM_SMS_TARGET
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl, sms)
     programs = b * s_q * ((h + HEAD_BLOCK - 1) // HEAD_BLOCK)
     merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1], programs, sms) if impl == "ws" else 0

@@ -107,7 +107,8 @@ def _fused_topk(backend: str | None, q8: Tensor, cache: IndexerKeyCache, topk: i
         from .tilelang import fused_is_fast  # (imported only once "auto" has loaded the TileLang backend)
 
         t, hi = q8.shape[0], q8.shape[1]
-        return b == "tilelang" and fused_is_fast(t, hi, max_visible, topk, cache.page_size, cache.dim)
+        sms = _backend.sm_count(q8.device)
+        return b == "tilelang" and fused_is_fast(t, hi, max_visible, topk, cache.page_size, cache.dim, sms)
 
     try:
         got, fn = _backend.resolve("index_topk_fused", name, q8.device, fast if name == "auto" else None)

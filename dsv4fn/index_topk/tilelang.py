@@ -58,7 +58,8 @@ _LOGITS_TILING = (PAGES_PER_CTA, STAGES)  # (pages per CTA, stages) of index_log
 CHUNK_LARGE = (CHUNK_PAGES, 3, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 4 CTAs an SM, 2 pages in flight
 CHUNK_DEEP = (CHUNK_PAGES, 2, 2, 4)  # 4096 keys a chunk, 2 CTAs an SM, 4 pages a step: few CTAs, more bytes each
 FUSED_MIN_DEEP_CTAS = 32  # fused_is_fast: below this many deep-chunk CTAs "auto" keeps logits + top-k
-LARGE_MIN_CTAS = 3 * 132  # chunk_tiling: 4096-key chunks from ~3 waves of one CTA per SM (H100 SXM: 132 SMs)
+LARGE_MIN_WAVES = 3  # chunk_tiling: 4096-key chunks from ~3 waves of one CTA per SM (3 x 132 on the H100)
+NUM_SMS = 132  # H100 / H200 SXM: the tiling rule's SM count where the caller does not give the GPU's
 CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
 FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
@@ -647,9 +648,10 @@ def _chunks(max_visible: int, page: int, pages_per_chunk: int) -> int:
     return max(1, -(-max_visible // (pages_per_chunk * page)))
 
 
-def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[int, int, int, int]:
-    """The chunk kernel's tiling (host arithmetic on shapes only). With n = tokens * ceil(max_visible / 4096)
-    CTAs of 4096-key chunks: CHUNK_LARGE (4 CTAs an SM) once n >= LARGE_MIN_CTAS; else 2048-key chunks
+def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int, sms: int = 0) -> tuple[int, int, int, int]:
+    """The chunk kernel's tiling (host arithmetic on shapes and the GPU's `sms`, 0: NUM_SMS). With n = tokens *
+    ceil(max_visible / 4096) CTAs of 4096-key chunks: CHUNK_LARGE (4 CTAs an SM) once n >= LARGE_MIN_WAVES x sms;
+    else 2048-key chunks
     (CHUNK_SMALL, twice the CTAs) while the merge still stages every candidate in shared memory
     (ceil(visible / 2048) * topk <= MERGE_STAGE); else CHUNK_DEEP (4096-key chunks, 4 pages a step: with few
     CTAs each needs more bytes in flight). H100, top-512 (bench/results/h100/tilelang_profile_2026-11-25_
@@ -658,14 +660,14 @@ def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int) -> tuple[i
     t=1 x 64k (n=16) deep 52.3 vs large 66.9."""
     if FORCE_CHUNK_TILING is not None:
         return FORCE_CHUNK_TILING
-    if tokens * _chunks(max_visible, page, CHUNK_LARGE[0]) >= LARGE_MIN_CTAS:
+    if tokens * _chunks(max_visible, page, CHUNK_LARGE[0]) >= LARGE_MIN_WAVES * (sms or NUM_SMS):
         return CHUNK_LARGE
     if topk <= CHUNK_SMALL[0] * page and _chunks(max_visible, page, CHUNK_SMALL[0]) * topk <= MERGE_STAGE:
         return CHUNK_SMALL
     return CHUNK_DEEP
 
 
-def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: int) -> bool:
+def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: int, sms: int = 0) -> bool:
     """Whether "auto" takes the fused kernel over logits + top-k: TileLang's geometry, a merge staged in shared
     memory, and not a deep-chunk grid of fewer than FUSED_MIN_DEEP_CTAS CTAs. H100, top-512, against Triton
     logits + Triton top-k (bench_2026-11-25_session5.txt, 8f0ecb4): the fused op wins at every batch 1-32 with
@@ -673,7 +675,7 @@ def fused_is_fast(t: int, hi: int, max_visible: int, topk: int, page: int, dim: 
     token over 64k keys (16 deep-chunk CTAs) is slower (48.8 vs 45.4)."""
     if page != 64 or dim != 128 or hi % 16 or not 16 <= hi <= 256 or t < 1 or topk > CHUNK_PAGES * page:
         return False
-    tiling = chunk_tiling(topk, max_visible, page, t)
+    tiling = chunk_tiling(topk, max_visible, page, t, sms)
     chunks = _chunks(max_visible, page, tiling[0])
     if tiling == CHUNK_DEEP and t * chunks < FUSED_MIN_DEEP_CTAS:
         return False
@@ -732,7 +734,7 @@ def tl_index_topk_fused(
     lens = torch.empty((t,), dtype=torch.int32, device=dev)
     if t == 0:
         return out, lens
-    cpg, stages, ctas, g = chunk_tiling(topk, max_visible, page_size, t)
+    cpg, stages, ctas, g = chunk_tiling(topk, max_visible, page_size, t, _backend.sm_count(dev))
     chunks = _chunks(max_visible, page_size, cpg)
     cand_v = torch.empty((t, chunks, topk), dtype=torch.float32, device=dev)
     cand_i = torch.empty((t, chunks, topk), dtype=torch.int32, device=dev)
