@@ -399,7 +399,7 @@ def split_parts(*which: str) -> None:
         waves = attn.CLUSTER_WAVE_CTAS
         for ns in MERGE_TRY:  # ns splits merged in an ns-CTA cluster (even where it takes two waves)
             attn.FORCE_SPLITS, attn.MERGE_SIZES, attn.CLUSTER_WAVE_CTAS = ns, (ns,), {ns: 1 << 30}
-            assert attn.cluster_merge(ns, 128, extra, b * h // 64) == ns
+            assert attn.cluster_merge(ns, 128, extra, attn._programs(b, 1, h)) == ns
             ok = _backend.default_compare(expect, attn.sparse_attention(q, c1, i1, l1, **kw))
             t = graphflush_us(lambda: attn.sparse_attention(q, c1, i1, l1, **kw), rep_ms=20)
             merged += f" | {ns} merged {t:6.1f} {'ok' if ok is None else 'FAIL'}"
@@ -432,7 +432,7 @@ def merge_check() -> None:
         q, c1, i1, l1, c2, i2, l2, s = gt._attn_inputs(b, h, 128, k2, seed=b + h + 1)
         kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
         splits = attn.choose_splits(b, 1, h, 128, k2, "ws")
-        ns = attn.cluster_merge(splits, 128, k2, b * -(-h // 64))
+        ns = attn.cluster_merge(splits, 128, k2, attn._programs(b, 1, h))
         ref = ref_attention(q, c1, i1, l1, **kw)[0].float()
         m = attn.sparse_attention(q, c1, i1, l1, **kw)[0].float()
         line = f"b={b} h={h}: merged in {ns}s (heuristic {splits} splits), max err {float((m - ref).abs().max()):.2e}"

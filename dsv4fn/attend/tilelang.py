@@ -103,6 +103,17 @@ WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
 WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
 
+# the ws kernel's 16-byte record load (NAME, cache HINT): the kernel's, and probe l2_256's with an L2 prefetch hint
+_LD128_SRC = r"""__device__ __forceinline__ void NAME(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocateHINT.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "l"(src), "r"(ok));
+}
+"""
 # device helpers of the ws kernel (inline PTX only: see _tilelang_compat.DEVICE_SRC)
 WS_DEVICE_SRC = (
     DEVICE_SRC
@@ -111,26 +122,9 @@ WS_DEVICE_SRC = (
 // read once per CTA) into registers; zeros when `ok` is 0 (the address is then never touched). No L2
 // prefetch hint: a 576-byte record spans three 256-byte blocks, so `.L2::256B` would pull ~33% extra
 // DRAM traffic for scattered (top-k selected) keys.
-__device__ __forceinline__ void dsv4fn_ld128(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "l"(src), "r"(ok));
-}
-// development probe "l2_256": the same load with FlashMLA's L2 prefetch hint (a whole 256-byte block a miss)
-__device__ __forceinline__ void dsv4fn_ld128_l2(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "l"(src), "r"(ok));
-}
-__device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) {
+"""
+    + _LD128_SRC.replace("NAME", "dsv4fn_ld128").replace("HINT", "")
+    + r"""__device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) {
   unsigned* d = reinterpret_cast<unsigned*>(dst);
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
@@ -286,7 +280,9 @@ __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   for (int k = 0; k < 3; ++k) big |= static_cast<int>(((m1 >> (8 * k)) & 255u) > 142u);
   return __any_sync(0xffffffffu, big);
 }
+// development probe "l2_256": dsv4fn_ld128 with FlashMLA's L2 prefetch hint (a whole 256-byte block a miss)
 """
+    + _LD128_SRC.replace("NAME", "dsv4fn_ld128_l2").replace("HINT", ".L2::256B")
 )
 
 
@@ -716,18 +712,15 @@ def build_attend_ws(
             if PV_RS:  # probe: P from registers for this warpgroup's P V, S_s for warpgroup 1's only
                 T.copy(acc_s, acc_p)
                 T.copy(acc_p, S_s)
-                T.fence_proxy_async()  # S_s is read by warpgroup 1's wgmma (async proxy)
-                T.barrier_arrive(s_ready)
-                stamp(trace_s, "S done", it, tx == 0)
-                T.gemm(acc_p, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             else:
                 T.copy(acc_s, S_s)
-                T.fence_proxy_async()  # S_s is read by wgmma (async proxy), here and in warpgroup 1
-                T.barrier_arrive(s_ready)
+            T.fence_proxy_async()  # S_s is read by wgmma (async proxy), in warpgroup 1 (and here unless pv_rs)
+            T.barrier_arrive(s_ready)
+            if not PV_RS:
                 named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
-                stamp(trace_s, "S done", it, tx == 0)
-                if "no_pv" not in probes:
-                    T.gemm(S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            stamp(trace_s, "S done", it, tx == 0)
+            if "no_pv" not in probes:
+                T.gemm(acc_p if PV_RS else S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV0 done", it, tx == 0)
             release_k(k_free, st, tx, 0)
 
@@ -1227,6 +1220,16 @@ def build_combine(h: int, d: int, pdl: bool = True):
     return attend_combine
 
 
+def _row_blocks(k1: int, k2: int) -> int:
+    """64-key blocks of a row whose index lists are k1 and k2 wide (the split plans' unit of work)."""
+    return math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
+
+
+def _programs(b: int, s_q: int, h: int) -> int:
+    """CTAs of an unsplit call: rows x head blocks."""
+    return b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
+
+
 def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legacy", sms: int = NUM_SMS_TARGET) -> int:
     """KV splits per row (host-only arithmetic, from shapes and the GPU's `sms`): fill the SMs when the batch
     alone cannot.
@@ -1238,8 +1241,8 @@ def choose_splits(b: int, s_q: int, h: int, k1: int, k2: int, impl: str = "legac
     V4-Pro (2 head blocks, 18 blocks): b=1 18 of 1 block, b=4 9 of 2, b=32 2."""
     if FORCE_SPLITS is not None:
         return max(1, int(FORCE_SPLITS))
-    programs = b * s_q * ((h + _head_block(h) - 1) // _head_block(h))
-    blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
+    programs = _programs(b, s_q, h)
+    blocks = _row_blocks(k1, k2)
     if impl == "ws":
         if programs >= (3 * sms) // 4 or blocks <= 1:
             return 1
@@ -1258,7 +1261,7 @@ def cluster_merge(splits: int, k1: int, k2: int, programs: int, sms: int = NUM_S
     ~3 and the merge ~1-2, so one more block pays from ~15 MB of partials on and two or more do not (bench/results/
     h100/tilelang_profile_2026-11-25_session9.txt). H100: V4-Flash merges b=27..32 in 3s, 34..66 in 2s; V4-Pro
     b=14..16 in 3s, 23..33 in 2s."""
-    blocks = math.ceil(k1 / BLOCK_I) + math.ceil(k2 / BLOCK_I)
+    blocks = _row_blocks(k1, k2)
     if not CLUSTER_MERGE or splits <= 1 or blocks < 2:
         return 0
     per = math.ceil(blocks / splits)
@@ -1313,7 +1316,7 @@ def tl_sparse_attention(
     impl = _impl_for(data1, data2, nope_dim, rope_dim, tile)
     sms = _backend.sm_count(q.device) or NUM_SMS_TARGET
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl, sms)
-    programs = b * s_q * ((h + HEAD_BLOCK - 1) // HEAD_BLOCK)
+    programs = _programs(b, s_q, h)
     merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1], programs, sms) if impl == "ws" else 0
     main, comb = _kernels(
         impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, merge
