@@ -84,6 +84,7 @@ def set_auto_order(step: str, order: tuple[str, ...]) -> None:
     _auto_order[step] = order
 
 
+@torch.compiler.assume_constant_result  # run at trace time: Dynamo cannot trace an import (a first call compiled)
 def _load(step: str, backend: str) -> None:
     key = (step, backend)
     if key in _loaded or backend == "torch":

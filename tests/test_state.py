@@ -53,6 +53,22 @@ def test_caches_are_pytrees_and_compile_fullgraph():
     assert out.ratio == 4 and torch.equal(out.kv, s.kv * 2)
 
 
+def test_first_kernel_call_under_compile_fullgraph(monkeypatch):
+    """A process whose first call of a step is compiled (fullgraph): resolving its backend imports the kernel module,
+    which Dynamo cannot trace - the import runs at trace time (resolved for a CUDA device: host logic only)."""
+    from dsv4fn import _backend
+
+    monkeypatch.setattr(_backend, "_loaded", set())
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        name, _ = _backend.resolve("attend", "triton", torch.device("cuda"))
+        return x + len(name)
+
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 7.0))
+    assert ("attend", "triton") in _backend._loaded
+
+
 def test_config_presets():
     f, p, t = DSV4Config.flash(), DSV4Config.pro(), DSV4Config.tiny()
     assert (f.num_heads, f.head_dim, f.nope_dim, f.window, f.index_topk) == (64, 512, 448, 128, 512)
