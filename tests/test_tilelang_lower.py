@@ -91,9 +91,11 @@ def test_attention_ws_pair_mode_lowers():
     assert body.count("dsv4fn_bulk_to_peer(") == 4
     assert "k_remote[" in body and "dsv4fn_arrive_expect_tx(" in body and "dsv4fn_arrive_rank(" in body
     assert "tl::cluster_sync()" in body and "dsv4fn_dq16(" in body
+    # warpgroup 0's P V takes P from its registers (RS wgmma), warpgroup 1's and Q K^T read shared memory
+    assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2
     for h, split in ((128, True), (64, False)):  # split paths unpaired; one head block: nothing to pair
         other = _body(_lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS))
-        assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other
+        assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other and "wgmma_rs" not in other
 
 
 @pytest.mark.parametrize(("h", "ns"), [(128, 2), (64, 3), (96, 8)], ids=["pro-2", "flash-3", "96heads-8"])
@@ -174,7 +176,7 @@ def test_attention_ws_trace_probe_lowers():
 def test_attention_ws_exact_probes_lower():
     """The two exact development variants (bench/tilelang_profile_dev.py attn-probe pv_rs,l2_256: what FlashMLA does
     differently) lower: warpgroup 0's P V as an RS wgmma from its bf16 P fragment (warpgroup 1's still reads S_s),
-    the record loads with the L2::256B hint; the default kernel has neither."""
+    the record loads with the L2::256B hint; the default (unpaired) kernel has neither."""
     body = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, "pv_rs,l2_256"), attn.WS_PASS_CONFIGS))
     assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2 and "(acc_p + (ki_1 * 8))" in body
     default = _body(_ws_unpaired_src(64, False))

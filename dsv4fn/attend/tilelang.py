@@ -37,6 +37,8 @@ main (window) + extra (compressed) index lists, each cut at its length:
   CTA). Loads run two blocks ahead (one key a thread and block, two register sets). The per-thread `st.async`
   of FlashMLA's protocol cost the producer as much as the halved conversion saved (session 7); one bulk copy
   a half-chunk does not. Split paths stay unpaired (slower paired: fewer blocks a CTA to amortise the cluster).
+  In pair mode warpgroup 0 takes P for its P V from registers (RS wgmma, as FlashMLA's does): it does not wait for
+  its own S stores (V4-Pro b=128 / 256 1-2% faster on the H100; the unpaired kernel is not faster so).
   Cluster merge (the split path with 2, 4 or 8 splits: `cluster_merge`): a row's splits run as one cluster, one CTA
   a split. Each CTA writes its split's log2 LSE per head to shared memory; after a cluster barrier every CTA reads
   all of them (distributed shared memory), scales its partial by 2^(m sl2 - L) times the sink factor and stages it
@@ -413,10 +415,9 @@ def build_attend_ws(
     no_sts (converted, not stored); pair mode: no_remote (no half copied to the peer); trace (SM clock stamps of
     every role and block, written over the output: TRACE_ROWS). Two probes keep the results exact, to time what
     FlashMLA does differently: pv_rs (warpgroup 0's P V with P from registers, RS wgmma, without waiting for its own
-    S stores), l2_256 (the producer's record loads with an L2::256B prefetch hint)."""
+    S stores; pair mode always does so), l2_256 (the producer's record loads with an L2::256B prefetch hint)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
-    PV_RS = "pv_rs" in probes
     LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
     MISC = len(TRACE_BLOCK)  # the trace's row of single stamps
     D, NOPE, NT, DH = WS_D, WS_NOPE, WS_NT, WS_D // 2
@@ -444,6 +445,7 @@ def build_attend_ws(
     PEER_TX = (D // 64 * HALF_CHUNK + HALF_FLAGS) if BULK else 0  # bytes the peer copies into a K tile a block
     NIX = 1 if PAIR else R  # indices held for the next block to load (this thread's keys of it)
     CLUSTER = (2, 1, 1) if PAIR else (MERGE, 1, 1) if MERGE else None
+    PV_RS = PAIR or "pv_rs" in probes  # warpgroup 0's P V with P from registers (pair mode; probe elsewhere)
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True)
@@ -709,7 +711,7 @@ def build_attend_ws(
             if it > 0:
                 barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
             T.copy(alpha, alpha_s)
-            if PV_RS:  # probe: P from registers for this warpgroup's P V, S_s for warpgroup 1's only
+            if PV_RS:  # P from registers for this warpgroup's P V, S_s for warpgroup 1's only
                 T.copy(acc_s, acc_p)
                 T.copy(acc_p, S_s)
             else:
@@ -826,7 +828,7 @@ def build_attend_ws(
                 T.set_max_nreg(REG_WG0, 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 acc_s = T.alloc_fragment([HB, BI], f32)
-                acc_p = T.alloc_fragment([HB, BI], bf16) if PV_RS else None  # probe pv_rs: P in registers
+                acc_p = T.alloc_fragment([HB, BI], bf16) if PV_RS else None  # P in registers (pv_rs)
                 m_i = T.alloc_fragment([HB], f32)
                 m_prev = T.alloc_fragment([HB], f32)
                 sumexp = T.alloc_fragment([HB], f32)
