@@ -76,20 +76,26 @@ def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
-EXACT_PROBES = {"pv_rs", "l2_256"}  # build_attend_ws probes that keep the results exact (checked before timing)
+EXACT_PROBES = {"pv_rs", "l2_256", "lazy"}  # build_attend_ws probes that keep the results exact (checked before timing)
 
 
 def attn_probe(*which: str) -> None:
     """The ws kernel with stages left out (wrong results, timing only): which stage bounds a block; or with the
     exact variants (EXACT_PROBES, combinable: `attn-probe full pv_rs l2_256 pv_rs,l2_256`), checked against the
     reference first (ok / FAIL after the time). A first argument `pro` times V4-Pro (128 heads, window 128 + 1024,
-    paired as in production) instead of V4-Flash."""
+    paired as in production) instead of V4-Flash; then `b=64,128` other batches than 128 and 256. A probe named twice
+    is timed twice (the spread of repeated timings)."""
     config, which = (which[0], which[1:]) if which[:1] in (("flash",), ("pro",)) else ("flash", which)
+    batches = (128, 256)
+    if which[:1] and which[0].startswith("b="):  # e.g. b=64,128
+        batches, which = tuple(int(x) for x in which[0][2:].split(",")), which[1:]
     h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
     probes = [p if p != "full" else "" for p in which] or PROBES
-    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr) for pr in probes])
+    compat.precompile(
+        [lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr) for pr in dict.fromkeys(probes)]
+    )
     print(f"attention ws ({config}), direct (1 split), window 128 + {extra}; stages left out; graphflush us")
-    for b in (128, 256):
+    for b in batches:
         args, outs, expect = _ws_direct_args(b, h, extra)
         line = [f"b={b}"]
         for pr in probes:

@@ -43,6 +43,13 @@ def _kernels_compiled():
     jobs = [lambda h=h, s=s: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, s) for h, s in hs]
     merges = [(64, 2), (128, 2), (96, 2), (64, 3), (128, 3)]
     jobs += [lambda h=h, n=n: attn._kernels("ws", h, 448, 64, 64, 64, 64, SCALE, True, True, n) for h, n in merges]
+    # eager-rescale kernels (WS_LAZY off) the lazy rescale and pair mode are checked against: (h, split, pair, merge)
+    eager = [(64, False, True, 0), (64, True, False, 0), (64, True, False, 2), (128, False, True, 0)]
+    eager += [(128, False, False, 0), (96, False, False, 0)]
+    jobs += [
+        lambda e=e: attn._kernels_for("ws", e[0], 448, 64, 64, 64, 64, SCALE, e[1], True, e[2], e[3], False)
+        for e in eager
+    ]
     jobs += [
         lambda: attn._kernels("ws", 8, 448, 64, 64, 64, 64, SCALE, False),
         lambda: attn._kernels("legacy", 64, 448, 64, 64, 64, 64, SCALE, True),
@@ -177,9 +184,11 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
     paired = attn.sparse_attention(q, c1, i1, l1, **kw)
     _check_attn(ref_attention(q, c1, i1, l1, **kw), paired)
     monkeypatch.setattr(attn, "WS_PAIR", "off")
+    monkeypatch.setattr(attn, "WS_LAZY", "off")  # (pair mode rescales eagerly)
     unpaired = attn.sparse_attention(q, c1, i1, l1, **kw)
     assert torch.equal(paired[0], unpaired[0]) and torch.equal(paired[1], unpaired[1])
     monkeypatch.setattr(attn, "WS_PAIR", "direct")
+    monkeypatch.setattr(attn, "WS_LAZY", "unpaired")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = attn.sparse_attention(q, c1, i1, l1, **kw)
@@ -188,8 +197,59 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     monkeypatch.setattr(attn, "WS_PAIR", "off")
+    monkeypatch.setattr(attn, "WS_LAZY", "off")
     again = attn.sparse_attention(q, c1, i1, l1, **kw)
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
+
+
+SPIKES = (
+    0.05,
+    0.12,
+    0.3,
+    4.0,
+)  # key = factor x the row's query of one head: its score jumps ~1.6, 3.9, 9.8, 130 (log2)
+
+
+@pytest.mark.parametrize(
+    ("b", "h", "k2"), [(128, 64, 512), (40, 64, 512), (4, 64, 512), (70, 128, 1024)],
+    ids=["flash-direct", "flash-merge", "flash-split", "pro-pair"],
+)  # fmt: skip
+def test_attention_lazy_rescale_with_growing_maxima(b, h, k2, monkeypatch):
+    """Rows whose running max grows block after block, by less and by more than the lazy rescale's 2^8 (keys built
+    from one head's query of the row, in the extra list's blocks 1, 3, 5, 7; other heads see them as ordinary
+    keys): the kernels keep a stale max while P <= 2^8 and rescale a warp's rows when one moves it - on the direct,
+    cluster-merge and split + combine paths (unpaired: lazy) and in pair mode (eager) - against the reference, and
+    the lazy kernels against the eager ones (WS_LAZY off)."""
+    g = torch.Generator(device="cuda").manual_seed(b + h + 5)
+    n1, n2 = b * 128 + 64, b * k2 * 2 + 64
+    q = torch.randn(b, 1, h, 512, generator=g, device="cuda").to(torch.bfloat16)
+    x2 = torch.randn(n2, 512, generator=g, device="cuda") * 2
+    spike_slots = torch.arange(b * len(SPIKES), device="cuda").view(b, len(SPIKES))
+    heads = torch.arange(b, device="cuda") * 7 % h  # the head each row's spikes follow
+    for t, f in enumerate(SPIKES):
+        x2[spike_slots[:, t]] = f * q[torch.arange(b), 0, heads].float()
+    c1, c2 = _model1_cache(n1, 64, g), _model1_cache(n2, 64, g, x2)
+    i1 = torch.randint(0, n1, (b, 1, 128), generator=g, device="cuda", dtype=torch.int32)
+    i2 = torch.randint(len(SPIKES) * b, n2, (b, 1, k2), generator=g, device="cuda", dtype=torch.int32)
+    for t in range(len(SPIKES)):
+        i2[:, 0, 64 * (2 * t + 1) + 5] = spike_slots[:, t].to(torch.int32)
+    l1 = torch.full((b,), 128, device="cuda", dtype=torch.int32)
+    l2 = torch.full((b,), k2, device="cuda", dtype=torch.int32)
+    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=torch.randn(h, generator=g, device="cuda"))
+    kw["scale"] = SCALE
+    splits = attn.choose_splits(b, 1, h, 128, k2, "ws")
+    merged = attn.cluster_merge(splits, 128, k2, attn._programs(b, 1, h))
+    assert (splits, merged) == {128: (1, 0), 40: (3, 2), 4: (splits, 0), 70: (1, 0)}[b] and (b != 4 or splits > 3)
+    ref = ref_attention(q, c1, i1, l1, **kw)
+    got = attn.sparse_attention(q, c1, i1, l1, **kw)
+    _check_attn(ref, got)
+    monkeypatch.setattr(attn, "WS_LAZY", "off")
+    eager = attn.sparse_attention(q, c1, i1, l1, **kw)
+    _check_attn(ref, eager)
+    if h == 128:  # pair mode rescales eagerly either way
+        assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+    else:  # P rounded to bf16 against another max: within the tolerance of each other, LSEs to fp32 rounding
+        _check_attn(eager, got)
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,8 @@ def test_attention_ws_lowers(h, split):
     assert "k_ready[" in body and "k_free[" in body and "dsv4fn_dq16(" in body and "dsv4fn_dq16_big(" in body
     # the softmax's 2^x as one MUFU.EX2 each (ex2.approx.ftz), not exp2f
     assert body.count("dsv4fn_ex2(") == 2 and "exp2f(" not in body
+    # lazy rescale: the running max moves past 2^8 only, each consumer warp votes before rescaling its rows
+    assert "(0x1p+3f/*8.000000e+00*/ < " in body and body.count("dsv4fn_warp_any(") == 2
     # (7 nope + 2 rope) 16-byte loads per key, main / extra list, prologue / one block ahead in the loop
     assert body.count("dsv4fn_ld128(") == 8
     # the only block-wide barrier is the one after the mbarrier init (TileLang's automatic syncs are off;
@@ -91,8 +93,10 @@ def test_attention_ws_pair_mode_lowers():
     assert body.count("dsv4fn_bulk_to_peer(") == 4
     assert "k_remote[" in body and "dsv4fn_arrive_expect_tx(" in body and "dsv4fn_arrive_rank(" in body
     assert "tl::cluster_sync()" in body and "dsv4fn_dq16(" in body
-    # warpgroup 0's P V takes P from its registers (RS wgmma), warpgroup 1's and Q K^T read shared memory
+    # warpgroup 0's P V takes P from its registers (RS wgmma), warpgroup 1's and Q K^T read shared memory; no lazy
+    # rescale in pair mode (slower there)
     assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2
+    assert "dsv4fn_warp_any(" not in body
     for h, split in ((128, True), (64, False)):  # split paths unpaired; one head block: nothing to pair
         other = _body(_lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS))
         assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other and "wgmma_rs" not in other
@@ -182,6 +186,19 @@ def test_attention_ws_exact_probes_lower():
     default = _body(_ws_unpaired_src(64, False))
     assert "wgmma_rs" not in default and "dsv4fn_ld128_l2(" not in default
     assert body.count("dsv4fn_ld128_l2(") == default.count("dsv4fn_ld128(") > 0 and "dsv4fn_ld128(" not in body
+
+
+def test_attention_ws_lazy_rescale_knob(monkeypatch):
+    """WS_LAZY picks the kernels' lazy rescale per call: every kernel but pair mode ("unpaired"), all, or none (the
+    eager rescale: every block's 2 x 128 multiplies a thread, no vote); a bad value is a clear error."""
+    assert attn._lazy_mode() is None  # "unpaired"
+    monkeypatch.setattr(attn, "WS_LAZY", "off")
+    assert attn._lazy_mode() is False
+    eager = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, lazy=False), attn.WS_PASS_CONFIGS))
+    assert "dsv4fn_warp_any(" not in eager and "0x1p+3f" not in eager
+    monkeypatch.setattr(attn, "WS_LAZY", "sometimes")
+    with pytest.raises(ValueError, match="WS_LAZY"):
+        attn._lazy_mode()
 
 
 def test_attention_ws_register_budget():

@@ -21,7 +21,10 @@ main (window) + extra (compressed) index lists, each cut at its length:
     bytes in slots that are not selected cannot leak.
   * consumer warpgroup 0 (threads 0..127, 224 registers): S = Q K^T (wgmma m64n64k16, Q in shared),
     online softmax in the log2 domain, P (bf16) and the row rescale to shared for warpgroup 1, then
-    O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16).
+    O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16). Lazy rescale (WS_LAZY; not in pair mode): a row's running
+    max moves only when a block's is more than 2^8 larger (P <= 2^8 otherwise), and a warp of either consumer
+    warpgroup rescales its accumulator rows only when one of them moved (one vote) - after a row's first blocks
+    the 2 x 128 multiplies a thread and block are mostly skipped.
   * consumer warpgroup 1 (threads 128..255, 160 registers): O[:, 256:512] += P V[:, 256:512].
   Exact dequantization (`dsv4fn_dq16`): `cvt.rn.f16x2.e4m3x2` (exact: every e4m3 value is a normal
   f16), then the f16 bits shifted right by 3 *are* the bf16 bits of the value times 2^-112 (e4m3
@@ -83,6 +86,12 @@ FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (Non
 # ws kernel with two head blocks (V4-Pro): where a row's two CTAs share its keys as a 2-CTA cluster (pair mode):
 # "direct" (the one-split path, b >= 64: faster there), "all" (split paths too: slower there), "off" (bench knob)
 WS_PAIR = "direct"
+# ws kernel's online softmax: a row's running max moves only when a block's is more than 2^LAZY_TAU larger, and a
+# warp rescales its accumulator rows only when one of them moved (FlashAttention-4's lazy rescale; P <= 2^LAZY_TAU):
+# "unpaired" (every kernel but pair mode: 2-4% faster at V4-Flash b=64..256 on the H100, pair mode 1% slower),
+# "all", "off" (bench knob; read per call)
+WS_LAZY = "unpaired"
+LAZY_TAU = 8.0
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 # ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
 # count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
@@ -282,6 +291,8 @@ __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   for (int k = 0; k < 3; ++k) big |= static_cast<int>(((m1 >> (8 * k)) & 255u) > 142u);
   return __any_sync(0xffffffffu, big);
 }
+// 1 when any lane of the warp passes v != 0 (lazy rescale: some row of the warp moved its max)
+__device__ __forceinline__ int dsv4fn_warp_any(int v) { return __any_sync(0xffffffffu, v); }
 // development probe "l2_256": dsv4fn_ld128 with FlashMLA's L2 prefetch hint (a whole 256-byte block a miss)
 """
     + _LD128_SRC.replace("NAME", "dsv4fn_ld128_l2").replace("HINT", ".L2::256B")
@@ -324,25 +335,33 @@ def _pair_mode(split: bool) -> bool:
     return WS_PAIR == "all" or (WS_PAIR == "direct" and not split)
 
 
+def _lazy_mode() -> bool | None:
+    """The ws kernel's `lazy` argument as WS_LAZY has it (None: every kernel but pair mode)."""
+    modes = {"unpaired": None, "all": True, "off": False}
+    if WS_LAZY not in modes:
+        raise ValueError(f"dsv4fn.attend.tilelang.WS_LAZY must be 'unpaired', 'all' or 'off', got {WS_LAZY!r}")
+    return modes[WS_LAZY]
+
+
 def _kernels(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
     merge: int = 0,
 ):  # fmt: skip
     """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch), the ws
-    kernel's pair mode as WS_PAIR has it now; `merge` (ws split path): the cluster-merge kernel of that many splits
-    (no combine)."""
-    return _kernels_for(impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split), merge)
+    kernel's pair mode and lazy rescale as WS_PAIR and WS_LAZY have them now; `merge` (ws split path): the
+    cluster-merge kernel of that many splits (no combine)."""
+    return _kernels_for(impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split), merge, _lazy_mode())
 
 
 @functools.cache
 def _kernels_for(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool,
-    pair: bool, merge: int = 0,
+    pair: bool, merge: int = 0, lazy: bool | None = None,
 ):  # fmt: skip
     if impl == "ws" and split and merge:
-        return _attend_ws_kernel(h, p1, p2, scale, True, "", BLOCK_I, 2, False, merge), None
+        return _attend_ws_kernel(h, p1, p2, scale, True, "", BLOCK_I, 2, False, merge, lazy), None
     if impl == "ws":
-        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair)
+        main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair, 0, lazy)
     else:
         main = _attend_legacy_kernel(h, nope, rope, tile, p1, p2, scale, split)
     comb = _combine_kernel(h, nope + rope, pdl) if split else None
@@ -352,9 +371,9 @@ def _kernels_for(
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None, merge: int = 0,
+    pair: bool | None = None, merge: int = 0, lazy: bool | None = None,
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, merge)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, merge, lazy)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -374,13 +393,14 @@ def build_attend(h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scal
     return build_attend_legacy(h, nope, rope, tile, p1, p2, scale, split)
 
 
-def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False):
+def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False, lazy_tau: float = 0.0):
     """Macro, both attention kernels: one block's online-softmax update in the log2 domain (sl2 = scale / ln 2)
     over the scores acc_s [HB, BI]: m_i <- max(m_i, row max), alpha = 2^((m_prev - m_i) sl2), acc_s <- P =
     2^((acc_s - m_i) sl2), sumexp <- sumexp alpha + row sum of P (sum_i: scratch). `ftz_exp2` (ws kernel, whose
     device source has `dsv4fn_ex2`): 2^x as one MUFU.EX2 (ex2.approx.ftz) instead of exp2f's five instructions
     (ex2.approx without ftz: a range test and two rescaling multiplies); the same value down to 2^-126, 0 below
-    (a weight under 2^-126 of the row's largest)."""
+    (a weight under 2^-126 of the row's largest). `lazy_tau` > 0: the running max moves only when the block's is
+    more than 2^lazy_tau larger (P <= 2^lazy_tau; alpha = 1 exactly otherwise, so the caller may skip the rescale)."""
 
     def exp2(x):
         return T.call_extern("float32", "dsv4fn_ex2", x) if ftz_exp2 else T.exp2(x)
@@ -390,8 +410,12 @@ def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False):
         T.copy(m_i, m_prev)
         T.reduce_max(acc_s, m_i, dim=1, clear=False)
         for i in T.Parallel(HB):
-            m_i[i] = T.max(m_i[i], m_prev[i])
-            alpha[i] = exp2((m_prev[i] - m_i[i]) * sl2)
+            if lazy_tau > 0:
+                m_i[i] = T.if_then_else((m_i[i] - m_prev[i]) * sl2 > lazy_tau, m_i[i], m_prev[i])
+                alpha[i] = T.if_then_else(m_i[i] == m_prev[i], 1.0, exp2((m_prev[i] - m_i[i]) * sl2))
+            else:
+                m_i[i] = T.max(m_i[i], m_prev[i])
+                alpha[i] = exp2((m_prev[i] - m_i[i]) * sl2)
         for i, j in T.Parallel(HB, BI):
             acc_s[i, j] = exp2(acc_s[i, j] * sl2 - m_i[i] * sl2)
         T.reduce_sum(acc_s, sum_i, dim=1)
@@ -403,13 +427,14 @@ def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False):
 
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None, merge: int = 0,
+    pair: bool | None = None, merge: int = 0, lazy: bool | None = None,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles; `pair`: pair mode for two head blocks (module docstring;
     None: where WS_PAIR puts it); `merge` (split only: 2, 4 or 8): the row's `merge` splits run as one cluster and
     merge their partials through distributed shared memory (cluster merge, module docstring) instead of writing
-    them for the combine kernel.
+    them for the combine kernel. `lazy`: the lazy rescale (WS_LAZY; None: unless in pair mode; probes `lazy` /
+    `no_lazy` override it).
     `probe` (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
     no_sts (converted, not stored); pair mode: no_remote (no half copied to the peer); trace (SM clock stamps of
@@ -446,9 +471,10 @@ def build_attend_ws(
     NIX = 1 if PAIR else R  # indices held for the next block to load (this thread's keys of it)
     CLUSTER = (2, 1, 1) if PAIR else (MERGE, 1, 1) if MERGE else None
     PV_RS = PAIR or "pv_rs" in probes  # warpgroup 0's P V with P from registers (pair mode; probe elsewhere)
+    LAZY = (not PAIR if lazy is None else lazy) if not {"lazy", "no_lazy"} & probes else "lazy" in probes
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
-    softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True)
+    softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True, lazy_tau=LAZY_TAU if LAZY else 0.0)
     bf16, f32, i32, i64 = T.bfloat16, T.float32, T.int32, T.int64
 
     B = T.dynamic("batch")
@@ -678,8 +704,18 @@ def build_attend_ws(
             T.barrier_arrive(k_free[st])
 
     @T.macro
+    def rescale_lazy(acc_o, alpha, resc):
+        # lazy rescale: a warp rescales its 16 rows of acc_o only when one of them moved its max this block
+        resc[0] = 0
+        for i in T.Parallel(HB):
+            resc[0] = resc[0] | T.if_then_else(alpha[i] != 1.0, 1, 0)
+        if T.call_extern("int32", "dsv4fn_warp_any", resc[0]) != 0:
+            for i, d in T.Parallel(HB, DH):
+                acc_o[i, d] = acc_o[i, d] * alpha[i]
+
+    @T.macro
     def consumer0(
-        Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0, cnt,
+        Q, Q_s, K_s, S_s, valid_s, alpha_s, resc, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0, cnt,
         acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
         tx = T.get_thread_binding()
@@ -706,8 +742,11 @@ def build_attend_ws(
             else:
                 for i in T.Parallel(HB):
                     alpha[i] = 1.0
-            for i, d in T.Parallel(HB, DH):
-                acc_o[i, d] = acc_o[i, d] * alpha[i]
+            if LAZY:
+                rescale_lazy(acc_o, alpha, resc)
+            else:
+                for i, d in T.Parallel(HB, DH):
+                    acc_o[i, d] = acc_o[i, d] * alpha[i]
             if it > 0:
                 barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
             T.copy(alpha, alpha_s)
@@ -727,7 +766,7 @@ def build_attend_ws(
             release_k(k_free, st, tx, 0)
 
     @T.macro
-    def consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
+    def consumer1(K_s, S_s, alpha_s, resc, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
         tx = T.get_thread_binding()
         T.fill(acc_o, 0)
         for it in T.serial(cnt):
@@ -735,8 +774,11 @@ def build_attend_ws(
             barrier_wait(s_ready, 0, it % 2)
             stamp(trace_s, "S rdy", it, tx == 128)
             T.copy(alpha_s, alpha)
-            for i, d in T.Parallel(HB, DH):
-                acc_o[i, d] = acc_o[i, d] * alpha[i]
+            if LAZY:
+                rescale_lazy(acc_o, alpha, resc)
+            else:
+                for i, d in T.Parallel(HB, DH):
+                    acc_o[i, d] = acc_o[i, d] * alpha[i]
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV1 done", it, tx == 128)
@@ -835,8 +877,9 @@ def build_attend_ws(
                 sum_i = T.alloc_fragment([HB], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
-                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0,
-                          cnt, acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
+                resc = T.alloc_local([1], i32)  # lazy rescale: some row of this thread's moved its max
+                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, resc, k_ready, k_free, k_remote, s_ready, s_free, b, sq,
+                          h0, cnt, acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
                 if split_mode:
                     for i in T.Parallel(HB):
                         fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
@@ -892,7 +935,8 @@ def build_attend_ws(
                 T.set_max_nreg(REG_WG1, 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
-                consumer1(K_s, S_s, alpha_s, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
+                resc = T.alloc_local([1], i32)
+                consumer1(K_s, S_s, alpha_s, resc, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
                 if mode == "merge":
                     cluster_sync_all()  # (1 of 3)
                 barrier_wait(epi, 0, 0)
