@@ -93,13 +93,15 @@ def test_attention_ws_pair_mode_lowers():
     assert body.count("dsv4fn_bulk_to_peer(") == 4
     assert "k_remote[" in body and "dsv4fn_arrive_expect_tx(" in body and "dsv4fn_arrive_rank(" in body
     assert "tl::cluster_sync()" in body and "dsv4fn_dq16(" in body
-    # warpgroup 0's P V takes P from its registers (RS wgmma), warpgroup 1's and Q K^T read shared memory; no lazy
-    # rescale in pair mode (slower there)
+    # warpgroup 0's P V takes P from its registers (RS wgmma), warpgroup 1's and Q K^T read shared memory; the
+    # lazy rescale's votes; pair mode's register budgets
     assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2
-    assert "dsv4fn_warp_any(" not in body
+    assert body.count("dsv4fn_warp_any(") == 2
+    assert f"warpgroup_reg_alloc<{attn.REG_PAIR[0]}>" in body and f"warpgroup_reg_dealloc<{attn.REG_PAIR[2]}>" in body
     for h, split in ((128, True), (64, False)):  # split paths unpaired; one head block: nothing to pair
         other = _body(_lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS))
         assert "dsv4fn_bulk_to_peer(" not in other and "cluster_sync" not in other and "wgmma_rs" not in other
+        assert f"warpgroup_reg_alloc<{attn.REG_WG0}>" in other
 
 
 @pytest.mark.parametrize(("h", "ns"), [(128, 2), (64, 3), (96, 8)], ids=["pro-2", "flash-3", "96heads-8"])
@@ -189,14 +191,14 @@ def test_attention_ws_exact_probes_lower():
 
 
 def test_attention_ws_lazy_rescale_knob(monkeypatch):
-    """WS_LAZY picks the kernels' lazy rescale per call: every kernel but pair mode ("unpaired"), all, or none (the
-    eager rescale: every block's 2 x 128 multiplies a thread, no vote); a bad value is a clear error."""
-    assert attn._lazy_mode() is None  # "unpaired"
-    monkeypatch.setattr(attn, "WS_LAZY", "off")
+    """WS_LAZY picks the kernels' lazy rescale per call (True) or the eager one (every block's 2 x 128 multiplies a
+    thread, no vote); a value that is not a bool is a clear error."""
+    assert attn._lazy_mode() is True
+    monkeypatch.setattr(attn, "WS_LAZY", False)
     assert attn._lazy_mode() is False
     eager = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, lazy=False), attn.WS_PASS_CONFIGS))
     assert "dsv4fn_warp_any(" not in eager and "0x1p+3f" not in eager
-    monkeypatch.setattr(attn, "WS_LAZY", "sometimes")
+    monkeypatch.setattr(attn, "WS_LAZY", "off")
     with pytest.raises(ValueError, match="WS_LAZY"):
         attn._lazy_mode()
 
@@ -205,10 +207,10 @@ def test_attention_ws_register_budget():
     """setmaxnreg.inc waits for registers released by the other warpgroups: the three budgets must fit in
     what the CTA was launched with (168 per thread at 384 threads), or warpgroup 0 hangs."""
     per_thread = (65536 // attn.WS_THREADS) // 8 * 8
-    regs = (attn.REG_WG0, attn.REG_WG1, attn.REG_PRODUCER)
-    assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs)
-    assert sum(regs) <= 3 * per_thread, regs
-    assert attn.REG_WG1 <= per_thread and attn.REG_PRODUCER <= per_thread  # these two only release
+    for regs in ((attn.REG_WG0, attn.REG_WG1, attn.REG_PRODUCER), attn.REG_PAIR):  # unpaired, pair mode
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs)
+        assert sum(regs) <= 3 * per_thread, regs
+        assert regs[1] <= per_thread and regs[2] <= per_thread  # these two only release
 
 
 def test_attention_legacy_and_combine_lower():

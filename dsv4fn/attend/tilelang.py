@@ -21,7 +21,7 @@ main (window) + extra (compressed) index lists, each cut at its length:
     bytes in slots that are not selected cannot leak.
   * consumer warpgroup 0 (threads 0..127, 224 registers): S = Q K^T (wgmma m64n64k16, Q in shared),
     online softmax in the log2 domain, P (bf16) and the row rescale to shared for warpgroup 1, then
-    O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16). Lazy rescale (WS_LAZY; not in pair mode): a row's running
+    O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16). Lazy rescale (WS_LAZY): a row's running
     max moves only when a block's is more than 2^8 larger (P <= 2^8 otherwise), and a warp of either consumer
     warpgroup rescales its accumulator rows only when one of them moved (one vote) - after a row's first blocks
     the 2 x 128 multiplies a thread and block are mostly skipped.
@@ -88,9 +88,9 @@ FORCE_SPLITS: int | None = None  # bench knob: override the split heuristic (Non
 WS_PAIR = "direct"
 # ws kernel's online softmax: a row's running max moves only when a block's is more than 2^LAZY_TAU larger, and a
 # warp rescales its accumulator rows only when one of them moved (FlashAttention-4's lazy rescale; P <= 2^LAZY_TAU):
-# "unpaired" (every kernel but pair mode: 2-4% faster at V4-Flash b=64..256 on the H100, pair mode 1% slower),
-# "all", "off" (bench knob; read per call)
-WS_LAZY = "unpaired"
+# 2-4% faster at V4-Flash b=64..256 on the H100, 1-2% at V4-Pro (pair mode, with REG_PAIR). False: every block
+# rescales (bench knob; read per call)
+WS_LAZY = True
 LAZY_TAU = 8.0
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 # ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
@@ -109,6 +109,8 @@ CLUSTER_WAVE_CTAS = {2: NUM_SMS_TARGET, 3: 96}
 # (224, 160, 120): no spills in any variant (ptxas 13.0, checked on CPU with nvcc -arch=sm_90a).
 WS_THREADS = 384
 REG_WG0, REG_WG1, REG_PRODUCER = 224, 160, 120
+# pair mode: its producer (two register sets, the bulk copies) spills one register at 120 with the lazy rescale
+REG_PAIR = (216, 160, 128)
 WS_NOPE, WS_ROPE, WS_TILE = 448, 64, 64
 WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
@@ -335,12 +337,11 @@ def _pair_mode(split: bool) -> bool:
     return WS_PAIR == "all" or (WS_PAIR == "direct" and not split)
 
 
-def _lazy_mode() -> bool | None:
-    """The ws kernel's `lazy` argument as WS_LAZY has it (None: every kernel but pair mode)."""
-    modes = {"unpaired": None, "all": True, "off": False}
-    if WS_LAZY not in modes:
-        raise ValueError(f"dsv4fn.attend.tilelang.WS_LAZY must be 'unpaired', 'all' or 'off', got {WS_LAZY!r}")
-    return modes[WS_LAZY]
+def _lazy_mode() -> bool:
+    """The ws kernel's `lazy` argument as WS_LAZY has it."""
+    if not isinstance(WS_LAZY, bool):
+        raise ValueError(f"dsv4fn.attend.tilelang.WS_LAZY must be True or False, got {WS_LAZY!r}")
+    return WS_LAZY
 
 
 def _kernels(
@@ -356,7 +357,7 @@ def _kernels(
 @functools.cache
 def _kernels_for(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool,
-    pair: bool, merge: int = 0, lazy: bool | None = None,
+    pair: bool, merge: int = 0, lazy: bool = True,
 ):  # fmt: skip
     if impl == "ws" and split and merge:
         return _attend_ws_kernel(h, p1, p2, scale, True, "", BLOCK_I, 2, False, merge, lazy), None
@@ -371,7 +372,7 @@ def _kernels_for(
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None, merge: int = 0, lazy: bool | None = None,
+    pair: bool | None = None, merge: int = 0, lazy: bool = True,
 ):  # fmt: skip
     return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, merge, lazy)
 
@@ -427,20 +428,20 @@ def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False, lazy_t
 
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None, merge: int = 0, lazy: bool | None = None,
+    pair: bool | None = None, merge: int = 0, lazy: bool = True,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles; `pair`: pair mode for two head blocks (module docstring;
     None: where WS_PAIR puts it); `merge` (split only: 2, 4 or 8): the row's `merge` splits run as one cluster and
     merge their partials through distributed shared memory (cluster merge, module docstring) instead of writing
-    them for the combine kernel. `lazy`: the lazy rescale (WS_LAZY; None: unless in pair mode; probes `lazy` /
-    `no_lazy` override it).
+    them for the combine kernel. `lazy`: the lazy rescale (WS_LAZY; probes `lazy` / `no_lazy` override it).
     `probe` (development only, wrong results): comma list of stages left out, to time the rest (bench/
     tilelang_profile_dev.py attn-probe): no_qk, no_pv, no_dq, no_softmax, no_cvt (tiles stored unconverted),
     no_sts (converted, not stored); pair mode: no_remote (no half copied to the peer); trace (SM clock stamps of
     every role and block, written over the output: TRACE_ROWS). Two probes keep the results exact, to time what
     FlashMLA does differently: pv_rs (warpgroup 0's P V with P from registers, RS wgmma, without waiting for its own
-    S stores; pair mode always does so), l2_256 (the producer's record loads with an L2::256B prefetch hint)."""
+    S stores; pair mode always does so), l2_256 (the producer's record loads with an L2::256B prefetch hint),
+    lazy / no_lazy (the lazy rescale on / off), regs=A/B/C (register budgets of warpgroup 0, 1, the producer)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
     LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
@@ -471,7 +472,12 @@ def build_attend_ws(
     NIX = 1 if PAIR else R  # indices held for the next block to load (this thread's keys of it)
     CLUSTER = (2, 1, 1) if PAIR else (MERGE, 1, 1) if MERGE else None
     PV_RS = PAIR or "pv_rs" in probes  # warpgroup 0's P V with P from registers (pair mode; probe elsewhere)
-    LAZY = (not PAIR if lazy is None else lazy) if not {"lazy", "no_lazy"} & probes else "lazy" in probes
+    LAZY = lazy if not {"lazy", "no_lazy"} & probes else "lazy" in probes
+    # register budgets of warpgroup 0, warpgroup 1, the producer (probe regs=A/B/C: other budgets, same results)
+    REGS = next(
+        (tuple(int(x) for x in p[5:].split("/")) for p in probes if p.startswith("regs=")),
+        REG_PAIR if PAIR else (REG_WG0, REG_WG1, REG_PRODUCER),
+    )
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True, lazy_tau=LAZY_TAU if LAZY else 0.0)
@@ -867,7 +873,7 @@ def build_attend_ws(
             if PAIR:
                 T.cluster_sync()  # both CTAs' barriers initialised before the first remote arrival or store
             if tx < 128:
-                T.set_max_nreg(REG_WG0, 1)
+                T.set_max_nreg(REGS[0], 1)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 acc_s = T.alloc_fragment([HB, BI], f32)
                 acc_p = T.alloc_fragment([HB, BI], bf16) if PV_RS else None  # P in registers (pv_rs)
@@ -932,7 +938,7 @@ def build_attend_ws(
                         if h0 + i < h:
                             L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
             elif tx < 256:
-                T.set_max_nreg(REG_WG1, 0)
+                T.set_max_nreg(REGS[1], 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 resc = T.alloc_local([1], i32)
@@ -951,7 +957,7 @@ def build_attend_ws(
                     store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
                 stamp_once(trace_s, "WG1 end", tx == 128)
             else:
-                T.set_max_nreg(REG_PRODUCER, 0)
+                T.set_max_nreg(REGS[2], 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                          K_s, valid_s, k_ready, k_free, k_remote, tx - 256, trace_s, rank)  # fmt: skip
                 if mode == "merge":
