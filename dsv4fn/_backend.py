@@ -84,7 +84,6 @@ def set_auto_order(step: str, order: tuple[str, ...]) -> None:
     _auto_order[step] = order
 
 
-@torch.compiler.assume_constant_result  # run at trace time: Dynamo cannot trace an import (a first call compiled)
 def _load(step: str, backend: str) -> None:
     key = (step, backend)
     if key in _loaded or backend == "torch":
@@ -97,6 +96,12 @@ def _load(step: str, backend: str) -> None:
         importlib.import_module(f"dsv4fn.{pkg}.{backend}")
     except ImportError:
         pass  # kernel library missing: the backend is simply unavailable
+
+
+# Dynamo runs _load at trace time (it cannot trace an import: a step's first call under torch.compile). This is what
+# torch.compiler.assume_constant_result sets; calling that would import Dynamo, and with it triton.language, when
+# dsv4fn is imported - before a Triton interpreter run has set TRITON_INTERPRET (and ~1 s slower).
+_load._dynamo_marked_constant = True  # pyright: ignore[reportFunctionMemberAccess]
 
 
 def available(step: str) -> tuple[str, ...]:

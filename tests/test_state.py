@@ -1,6 +1,8 @@
 """Frozen pytree state and config: tree_map round trips, static fields stay static, presets."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +69,14 @@ def test_first_kernel_call_under_compile_fullgraph(monkeypatch):
 
     assert torch.equal(step(torch.ones(2)), torch.full((2,), 7.0))
     assert ("attend", "triton") in _backend._loaded
+
+
+def test_import_loads_no_kernel_library_nor_dynamo():
+    """`import dsv4fn` imports neither Triton nor Dynamo (which imports triton.language): a Triton interpreter run sets
+    TRITON_INTERPRET after importing dsv4fn and before its first kernel module, and imports stay cheap."""
+    code = "import sys, dsv4fn; print(sorted(m for m in ('triton', 'tilelang', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_config_presets():
