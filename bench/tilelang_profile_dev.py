@@ -76,12 +76,8 @@ def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
-EXACT_PROBES = {
-    "pv_rs",
-    "l2_256",
-    "lazy",
-    "no_lazy",
-}  # build_attend_ws probes that keep the results exact (checked before timing)
+# build_attend_ws probes that keep the results exact (checked before timing; regs=A/B/C too)
+EXACT_PROBES = {"pv_rs", "l2_256", "lazy", "no_lazy"}
 
 
 def attn_probe(*which: str) -> None:

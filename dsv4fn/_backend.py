@@ -46,6 +46,19 @@ _MODULES: dict[str, str] = {
 }
 
 
+# H100 / H200 SXM: the SM count the TileLang grid plans (attention splits, fused top-k chunk tiling) assume where no
+# GPU is given (CPU, host-side tests); calls follow the running GPU's `sm_count`
+PLAN_SMS = 132
+
+
+def _at_trace_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Dynamo calls `fn` while tracing and uses its result as a constant (for host logic it cannot or need not
+    trace). What torch.compiler.assume_constant_result sets - without importing Dynamo, and with it triton.language,
+    when dsv4fn is imported (a Triton interpreter run sets TRITON_INTERPRET after that; and it costs ~1 s)."""
+    fn._dynamo_marked_constant = True  # pyright: ignore[reportFunctionMemberAccess]
+    return fn
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (cached per device; host-only, no sync), 0 for other devices: the kernels'
     grid plans follow the GPU they run on (each falls back to its own default at 0)."""
@@ -54,6 +67,7 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@_at_trace_time  # (Dynamo would trace through the lru_cache wrapper, with a warning, on every compile)
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -84,6 +98,7 @@ def set_auto_order(step: str, order: tuple[str, ...]) -> None:
     _auto_order[step] = order
 
 
+@_at_trace_time  # (an import cannot be traced: a step's first call under torch.compile)
 def _load(step: str, backend: str) -> None:
     key = (step, backend)
     if key in _loaded or backend == "torch":
@@ -96,12 +111,6 @@ def _load(step: str, backend: str) -> None:
         importlib.import_module(f"dsv4fn.{pkg}.{backend}")
     except ImportError:
         pass  # kernel library missing: the backend is simply unavailable
-
-
-# Dynamo runs _load at trace time (it cannot trace an import: a step's first call under torch.compile). This is what
-# torch.compiler.assume_constant_result sets; calling that would import Dynamo, and with it triton.language, when
-# dsv4fn is imported - before a Triton interpreter run has set TRITON_INTERPRET (and ~1 s slower).
-_load._dynamo_marked_constant = True  # pyright: ignore[reportFunctionMemberAccess]
 
 
 def available(step: str) -> tuple[str, ...]:

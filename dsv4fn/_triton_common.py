@@ -34,9 +34,7 @@ except ImportError:  # pragma: no cover
     _plain_launch = None
 
 
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached); 0 for other devices (callers pick their CPU default)."""
-    return _backend.sm_count(device)
+sm_count = _backend.sm_count  # multiprocessors of a CUDA device (cached); 0 elsewhere (callers pick their default)
 
 
 def triton_op(name: str, *, mutates_args: Iterable[str] | str) -> Callable[[Callable[..., Any]], Any]:

@@ -200,12 +200,8 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
 
 
-SPIKES = (
-    0.05,
-    0.12,
-    0.3,
-    4.0,
-)  # key = factor x the row's query of one head: its score jumps ~1.6, 3.9, 9.8, 130 (log2)
+# key = factor x the row's query of one head: its score jumps ~1.6, 3.9, 9.8, 130 (log2)
+SPIKES = (0.05, 0.12, 0.3, 4.0)
 
 
 @pytest.mark.parametrize(

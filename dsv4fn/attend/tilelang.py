@@ -77,7 +77,7 @@ from ..state import PagedKVCache
 BLOCK_I = 64  # keys per block
 HEAD_BLOCK = 64  # heads per program (at most)
 THREADS = 256  # legacy kernel
-NUM_SMS_TARGET = 132  # H100 / H200 SXM: the split plans' SM count without a GPU (calls use the device's)
+NUM_SMS_TARGET = _backend.PLAN_SMS  # the split plans' SM count without a GPU (calls use the device's)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -710,12 +710,17 @@ def build_attend_ws(
             T.barrier_arrive(k_free[st])
 
     @T.macro
-    def rescale_lazy(acc_o, alpha, resc):
-        # lazy rescale: a warp rescales its 16 rows of acc_o only when one of them moved its max this block
-        resc[0] = 0
-        for i in T.Parallel(HB):
-            resc[0] = resc[0] | T.if_then_else(alpha[i] != 1.0, 1, 0)
-        if T.call_extern("int32", "dsv4fn_warp_any", resc[0]) != 0:
+    def rescale(acc_o, alpha, resc):
+        # a consumer warpgroup's accumulator rows times the block's alpha; lazy rescale: a warp rescales its 16 rows
+        # only when one of them moved its max this block (alpha != 1)
+        if LAZY:
+            resc[0] = 0
+            for i in T.Parallel(HB):
+                resc[0] = resc[0] | T.if_then_else(alpha[i] != 1.0, 1, 0)
+            if T.call_extern("int32", "dsv4fn_warp_any", resc[0]) != 0:
+                for i, d in T.Parallel(HB, DH):
+                    acc_o[i, d] = acc_o[i, d] * alpha[i]
+        else:
             for i, d in T.Parallel(HB, DH):
                 acc_o[i, d] = acc_o[i, d] * alpha[i]
 
@@ -748,11 +753,7 @@ def build_attend_ws(
             else:
                 for i in T.Parallel(HB):
                     alpha[i] = 1.0
-            if LAZY:
-                rescale_lazy(acc_o, alpha, resc)
-            else:
-                for i, d in T.Parallel(HB, DH):
-                    acc_o[i, d] = acc_o[i, d] * alpha[i]
+            rescale(acc_o, alpha, resc)
             if it > 0:
                 barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
             T.copy(alpha, alpha_s)
@@ -780,11 +781,7 @@ def build_attend_ws(
             barrier_wait(s_ready, 0, it % 2)
             stamp(trace_s, "S rdy", it, tx == 128)
             T.copy(alpha_s, alpha)
-            if LAZY:
-                rescale_lazy(acc_o, alpha, resc)
-            else:
-                for i, d in T.Parallel(HB, DH):
-                    acc_o[i, d] = acc_o[i, d] * alpha[i]
+            rescale(acc_o, alpha, resc)
             if "no_pv" not in probes:
                 T.gemm(S_s, K_s[st, :, DH:D], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV1 done", it, tx == 128)

@@ -59,7 +59,6 @@ CHUNK_LARGE = (CHUNK_PAGES, 3, CHUNK_CTAS_PER_SM, 1)  # 4096 keys a chunk, 4 CTA
 CHUNK_DEEP = (CHUNK_PAGES, 2, 2, 4)  # 4096 keys a chunk, 2 CTAs an SM, 4 pages a step: few CTAs, more bytes each
 FUSED_MIN_DEEP_CTAS = 32  # fused_is_fast: below this many deep-chunk CTAs "auto" keeps logits + top-k
 LARGE_MIN_WAVES = 3  # chunk_tiling: 4096-key chunks from ~3 waves of one CTA per SM (3 x 132 on the H100)
-NUM_SMS = 132  # H100 / H200 SXM: the tiling rule's SM count where the caller does not give the GPU's
 CHUNK_SMALL = (32, 4, 4, 1)  # 2048 keys a chunk, 4 CTAs an SM
 FORCE_CHUNK_TILING: tuple[int, int, int, int] | None = None  # bench knob: override `chunk_tiling`
 # The TMA ring below is written by hand: TileLang's own warp specialisation stays off, and so do its
@@ -649,7 +648,7 @@ def _chunks(max_visible: int, page: int, pages_per_chunk: int) -> int:
 
 
 def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int, sms: int = 0) -> tuple[int, int, int, int]:
-    """The chunk kernel's tiling (host arithmetic on shapes and the GPU's `sms`, 0: NUM_SMS). With n = tokens *
+    """The chunk kernel's tiling (host arithmetic on shapes and the GPU's `sms`, 0: PLAN_SMS). With n = tokens *
     ceil(max_visible / 4096) CTAs of 4096-key chunks: CHUNK_LARGE (4 CTAs an SM) once n >= LARGE_MIN_WAVES x sms;
     else 2048-key chunks
     (CHUNK_SMALL, twice the CTAs) while the merge still stages every candidate in shared memory
@@ -660,7 +659,7 @@ def chunk_tiling(topk: int, max_visible: int, page: int, tokens: int, sms: int =
     t=1 x 64k (n=16) deep 52.3 vs large 66.9."""
     if FORCE_CHUNK_TILING is not None:
         return FORCE_CHUNK_TILING
-    if tokens * _chunks(max_visible, page, CHUNK_LARGE[0]) >= LARGE_MIN_WAVES * (sms or NUM_SMS):
+    if tokens * _chunks(max_visible, page, CHUNK_LARGE[0]) >= LARGE_MIN_WAVES * (sms or _backend.PLAN_SMS):
         return CHUNK_LARGE
     if topk <= CHUNK_SMALL[0] * page and _chunks(max_visible, page, CHUNK_SMALL[0]) * topk <= MERGE_STAGE:
         return CHUNK_SMALL

@@ -127,7 +127,7 @@ def _logits_iters(t: int, width: int, rows: int, iters_max: int, device: torch.d
     """Tiles per program: `iters_max` (fewer programs, q loaded once per chunk) unless that leaves fewer
     than two programs per SM (small batches: b=1 with 16k keys would run 16 programs); then halve it.
     From shapes only (CUDA-graph safe); at most log2(iters_max) + 1 compiled variants."""
-    sms = sm_count(device) or 132
+    sms = sm_count(device) or _backend.PLAN_SMS
     tiles = cdiv(width, rows)
     iters = max(1, iters_max)
     while iters > 1 and t * cdiv(tiles, iters) < 2 * sms:
