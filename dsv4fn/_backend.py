@@ -59,6 +59,7 @@ def _at_trace_time(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+@_at_trace_time  # (not on _sm_count: Dynamo traces through an lru_cache wrapper, with a warning, whatever it is marked)
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (cached per device; host-only, no sync), 0 for other devices: the kernels'
     grid plans follow the GPU they run on (each falls back to its own default at 0)."""
@@ -67,7 +68,6 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@_at_trace_time  # (Dynamo would trace through the lru_cache wrapper, with a warning, on every compile)
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
