@@ -72,12 +72,19 @@ def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
     w2, h2, st2 = attn._cache_views_ws(kw["extra_cache"].data)
     o = torch.full_like(q, float("nan"))
     lse = torch.full((b, h, 1), float("nan"), dtype=torch.float32, device="cuda")
-    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2)
+    ahead = attn._prefetch_rows(h, _backend.sm_count(q.device) or attn.NUM_SMS_TARGET)
+    args = (q, i1, l1, w1, h1, kw["extra_indices"], kw["extra_lens"], w2, h2, kw["sink"], o, lse, st1, st2, ahead)
     return args, (o, lse), ref_attention(q, c1, i1, l1, **kw)
 
 
-# build_attend_ws probes that keep the results exact (checked before timing; regs=A/B/C too)
-EXACT_PROBES = {"pv_rs", "l2_256", "lazy", "no_lazy"}
+# build_attend_ws probes that keep the results exact (checked before timing; regs=A/B/C and pf=N too)
+# (no_pf: the same kernel called with prefetch distance 0 - WS_PREFETCH off - not a build probe)
+EXACT_PROBES = {"pv_rs", "l2_256", "lazy", "no_lazy", "no_pf"}
+
+
+def _kernel_probe(pr: str) -> str:
+    """A probe list without the call-time probes (no_pf): what build_attend_ws gets."""
+    return ",".join(t for t in pr.split(",") if t and t != "no_pf")
 
 
 def attn_probe(*which: str) -> None:
@@ -92,17 +99,20 @@ def attn_probe(*which: str) -> None:
         batches, which = tuple(int(x) for x in which[0][2:].split(",")), which[1:]
     h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
     probes = [p if p != "full" else "" for p in which] or PROBES
-    compat.precompile(
-        [lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr) for pr in dict.fromkeys(probes)]
-    )
+    builds = dict.fromkeys(map(_kernel_probe, probes))
+    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr) for pr in builds])
     print(f"attention ws ({config}), direct (1 split), window 128 + {extra}; stages left out; graphflush us")
     for b in batches:
         args, outs, expect = _ws_direct_args(b, h, extra)
         line = [f"b={b}"]
         for pr in probes:
-            k = attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr)
+            k = attn._attend_ws_kernel(h, 64, 64, SCALE, False, _kernel_probe(pr))
+            if "no_pf" in pr.split(","):
+                args = (*args[:-1], 0)
+            else:
+                args = (*args[:-1], attn._prefetch_rows(h, _backend.sm_count(args[0].device) or attn.NUM_SMS_TARGET))
             check = ""
-            if {t for t in pr.split(",") if t and not t.startswith("regs=")} <= EXACT_PROBES:
+            if {t for t in pr.split(",") if t and not t.startswith(("regs=", "pf="))} <= EXACT_PROBES:
                 for o in outs:
                     o.fill_(float("nan"))
                 compat.launch(k, *args)

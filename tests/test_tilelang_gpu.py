@@ -200,6 +200,26 @@ def test_attention_pair_mode_matches_unpaired(h, monkeypatch):
     assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
 
 
+@pytest.mark.parametrize(("b", "h", "k2"), [(300, 64, 512), (140, 128, 1024)], ids=["flash", "pro-pair"])
+def test_attention_next_wave_prefetch(b, h, k2, monkeypatch):
+    """More rows than one wave holds (V4-Flash: 132 CTAs, V4-Pro: 66 pairs): each CTA prefetches into L2 what the
+    next wave's CTA reads first (WS_PREFETCH) - rows of the next wave with an empty window (the prefetched keys come
+    from the extra list), holes, an empty row, the last wave's rows (nothing after them). Prefetching never changes
+    a result: the same bits with it off, and the reference's values."""
+    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, h, 128, k2, seed=b + 7)
+    nxt = attn._prefetch_rows(h, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert 0 < nxt < b and attn.choose_splits(b, 1, h, 128, k2, "ws") == 1
+    l1[nxt : nxt + 8] = 0  # window empty: the prefetch reads the extra list
+    i2[nxt + 1, 0, ::3] = -1  # holes among the keys it prefetches
+    l1[nxt + 2], l2[nxt + 2] = 0, 0  # an empty row
+    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
+    got = attn.sparse_attention(q, c1, i1, l1, **kw)
+    _check_attn(ref_attention(q, c1, i1, l1, **kw), got)
+    monkeypatch.setattr(attn, "WS_PREFETCH", False)
+    off = attn.sparse_attention(q, c1, i1, l1, **kw)
+    assert torch.equal(got[0], off[0]) and torch.equal(got[1], off[1])
+
+
 # key = factor x the row's query of one head: its score jumps ~1.6, 3.9, 9.8, 130 (log2)
 SPIKES = (0.05, 0.12, 0.3, 4.0)
 

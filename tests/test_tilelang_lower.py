@@ -203,6 +203,25 @@ def test_attention_ws_lazy_rescale_knob(monkeypatch):
         attn._lazy_mode()
 
 
+def test_attention_ws_next_wave_prefetch(monkeypatch):
+    """The direct kernel takes the prefetch distance `ahead` (rows a wave holds: 132 V4-Flash CTAs, 66 V4-Pro pairs;
+    0 when WS_PREFETCH is off) and its producer, after its last block, prefetches the next wave's Q rows (1 KB bulk
+    prefetches), index rows (L2 lines) and first keys' records (576-byte bulk prefetches) and scales; the split
+    kernel (one wave by construction) has none of it."""
+    assert attn._prefetch_rows(64, 132) == 132 and attn._prefetch_rows(128, 132) == 66
+    body = _body(_ws_unpaired_src(64, False))
+    assert "int ahead" in _ws_unpaired_src(64, False) and "if ((0 < ahead) && " in body
+    assert body.count("dsv4fn_prefetch_bulk(") == 3 and body.count("dsv4fn_prefetch_line(") == 4
+    assert body.count(", 1024);") == 1 and body.count(", 576);") == 2
+    split = _ws_unpaired_src(64, True)
+    assert "ahead" not in split and "dsv4fn_prefetch_bulk(" not in _body(split)
+    monkeypatch.setattr(attn, "WS_PREFETCH", False)
+    assert attn._prefetch_rows(64, 132) == 0
+    monkeypatch.setattr(attn, "WS_PREFETCH", 1)
+    with pytest.raises(ValueError, match="WS_PREFETCH"):
+        attn._prefetch_rows(64, 132)
+
+
 def test_attention_ws_register_budget():
     """setmaxnreg.inc waits for registers released by the other warpgroups: the three budgets must fit in
     what the CTA was launched with (168 per thread at 384 threads), or warpgroup 0 hangs."""

@@ -92,6 +92,11 @@ WS_PAIR = "direct"
 # rescales (bench knob; read per call)
 WS_LAZY = True
 LAZY_TAU = 8.0
+# ws direct path over more rows than one wave holds: once its producer is done, a CTA prefetches into L2 what the CTA
+# of the next wave with its head block reads first (its Q rows, index rows and the records and scales of its first
+# PF_KEYS keys), so that wave's prologue reads L2 instead of DRAM (bench knob, read per call: no recompile)
+WS_PREFETCH = True
+PF_KEYS = 128  # keys (two 64-key blocks) of the next wave's row prefetched, shared by the row's head-block CTAs
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 # ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
 # count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
@@ -293,6 +298,14 @@ __device__ __forceinline__ int dsv4fn_warp_any_big(int a, int b) {
   for (int k = 0; k < 3; ++k) big |= static_cast<int>(((m1 >> (8 * k)) & 255u) > 142u);
   return __any_sync(0xffffffffu, big);
 }
+// next-wave prefetch (WS_PREFETCH): `bytes` (a multiple of 16, 16-byte aligned) from global memory into L2, and
+// the L2 line holding one address; neither waits nor faults the CTA that issues it
+__device__ __forceinline__ void dsv4fn_prefetch_bulk(const void* p, int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(p), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void dsv4fn_prefetch_line(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(p) : "memory");
+}
 // 1 when any lane of the warp passes v != 0 (lazy rescale: some row of the warp moved its max)
 __device__ __forceinline__ int dsv4fn_warp_any(int v) { return __any_sync(0xffffffffu, v); }
 // development probe "l2_256": dsv4fn_ld128 with FlashMLA's L2 prefetch hint (a whole 256-byte block a miss)
@@ -441,7 +454,8 @@ def build_attend_ws(
     every role and block, written over the output: TRACE_ROWS). Two probes keep the results exact, to time what
     FlashMLA does differently: pv_rs (warpgroup 0's P V with P from registers, RS wgmma, without waiting for its own
     S stores; pair mode always does so), l2_256 (the producer's record loads with an L2::256B prefetch hint),
-    lazy / no_lazy (the lazy rescale on / off), regs=A/B/C (register budgets of warpgroup 0, 1, the producer)."""
+    lazy / no_lazy (the lazy rescale on / off), regs=A/B/C (register budgets of warpgroup 0, 1, the producer), pf=N
+    (N keys of the next wave's rows prefetched, WS_PREFETCH; PF_KEYS by default)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
     LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
@@ -478,6 +492,8 @@ def build_attend_ws(
         (tuple(int(x) for x in p[5:].split("/")) for p in probes if p.startswith("regs=")),
         REG_PAIR if PAIR else (REG_WG0, REG_WG1, REG_PRODUCER),
     )
+    # keys of the next wave's row prefetched (WS_PREFETCH; probe pf=N: another count, same results)
+    PFK = next((int(p[3:]) for p in probes if p.startswith("pf=")), PF_KEYS)
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True, lazy_tau=LAZY_TAU if LAZY else 0.0)
@@ -699,6 +715,39 @@ def build_attend_ws(
         stamp_once(trace_s, "producer end", p == 0)
 
     @T.macro
+    def prefetch_record(Cw, P, rpp, slot):
+        # one key's 576-byte record and the L2 line of its scales
+        prow = T.cast(slot // P, i64) * rpp
+        T.call_extern("handle", "dsv4fn_prefetch_bulk", T.address_of(Cw[(prow + slot % P) * RECW]), WS_REC)
+        T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]))
+
+    @T.macro
+    def prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead, p):
+        # WS_PREFETCH (producer threads p, after their last block): into L2, what the CTA `ahead` rows later with this
+        # head block reads first - the next wave's, when a wave holds `ahead` rows (0: off)
+        nxt = b * SQ + sq + ahead
+        if ahead > 0 and nxt < B * SQ:
+            b2 = nxt // SQ
+            sq2 = nxt % SQ
+            if p < HB:  # its Q rows, one head (1 KB) a thread
+                if h0 + p < h:
+                    T.call_extern("handle", "dsv4fn_prefetch_bulk", T.address_of(Q[b2, sq2, h0 + p, 0]), D * 2)
+            if p * 32 < K1:  # its index rows, one 128-byte line a thread
+                T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Idx1[b2, sq2, p * 32]))
+            if p * 32 < K2:
+                T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Idx2[b2, sq2, p * 32]))
+            for j in T.unroll((PFK // NHB + 127) // 128):  # key k of its first PFK (main list, then extra), its share
+                k = (h0 // HB) * (PFK // NHB) + j * 128 + p
+                n1b = T.max(T.min(Len1[b2], K1), 0)
+                if j * 128 + p < PFK // NHB:
+                    if k < n1b:
+                        if Idx1[b2, sq2, k] >= 0:
+                            prefetch_record(C1w, p1, rpp1, Idx1[b2, sq2, k])
+                    elif k - n1b < T.max(T.min(Len2[b2], K2), 0):
+                        if Idx2[b2, sq2, k - n1b] >= 0:
+                            prefetch_record(C2w, p2, rpp2, Idx2[b2, sq2, k - n1b])
+
+    @T.macro
     def release_k(k_free, st, tx, w0):
         # a consumer warpgroup (threads w0..w0+127) is done with K tile st (its wgmma has completed)
         if PAIR:  # one arrival on each CTA's barrier, from two warps of the warpgroup (the peer's tile too)
@@ -841,7 +890,9 @@ def build_attend_ws(
         split_mode = mode == "partial"
 
         @T.macro
-        def body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L):
+        def body(
+            Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L, ahead,
+        ):  # fmt: skip
             T.import_source(WS_DEVICE_SRC)
             Q_s = T.alloc_shared([HB, D], bf16)
             K_s = T.alloc_shared([KS, BI, D], bf16)
@@ -957,6 +1008,8 @@ def build_attend_ws(
                 T.set_max_nreg(REGS[2], 0)
                 producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
                          K_s, valid_s, k_ready, k_free, k_remote, tx - 256, trace_s, rank)  # fmt: skip
+                if mode == "direct":
+                    prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead, tx - 256)
                 if mode == "merge":
                     cluster_sync_all()  # (1 of 3)
             if mode == "merge":
@@ -1000,7 +1053,7 @@ def build_attend_ws(
         ):
             with T.Kernel(NS * NHB, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
                 body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx % NHB) * HB, bx // NHB, NS,
-                     None, Opart, Lpart)  # fmt: skip
+                     None, Opart, Lpart, 0)  # fmt: skip
 
         return attend_ws_partial
 
@@ -1024,10 +1077,11 @@ def build_attend_ws(
         Lse: T.Tensor[(B, h, SQ), f32],
         rpp1: T.int32,
         rpp2: T.int32,
+        ahead: T.int32,
     ):
         with T.Kernel(NHB * SPL, SQ, B, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, sq, b):
             body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, (bx // SPL) * HB, bx % SPL, SPL,
-                 Sink, O, Lse)  # fmt: skip
+                 Sink, O, Lse, ahead)  # fmt: skip
 
     return attend_ws_direct
 
@@ -1319,6 +1373,13 @@ def cluster_merge(splits: int, k1: int, k2: int, programs: int, sms: int = NUM_S
     return max((c for c in fits if math.ceil(blocks / c) <= per + 1), default=0)
 
 
+def _prefetch_rows(h: int, sms: int) -> int:
+    """The ws direct kernel's `ahead` (WS_PREFETCH): rows (b, s_q) a wave of one CTA an SM holds, or 0 (off)."""
+    if not isinstance(WS_PREFETCH, bool):
+        raise ValueError(f"dsv4fn.attend.tilelang.WS_PREFETCH must be True or False, got {WS_PREFETCH!r}")
+    return sms // ((h + HEAD_BLOCK - 1) // HEAD_BLOCK) if WS_PREFETCH else 0
+
+
 def _check_geometry(cache: PagedKVCache) -> None:
     if cache.rope_dim != 64 or cache.nope_dim % 64 != 0 or cache.tile != 64 or cache.nope_dim < 64:
         raise ValueError(
@@ -1380,8 +1441,9 @@ def tl_sparse_attention(
         cache_args = (u1, f1, h1, indices2, lens2, u2, f2, h2)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
-    if comb is None:
-        launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2)
+    if comb is None:  # (the direct and cluster-merge ws kernels take the prefetch distance; only direct uses it)
+        ahead = (_prefetch_rows(h, sms) if splits == 1 else 0,) if impl == "ws" else ()
+        launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2, *ahead)
     else:
         opart = torch.empty((b, s_q, splits, h, d), dtype=torch.float32, device=q.device)
         lpart = torch.empty((b, s_q, splits, h), dtype=torch.float32, device=q.device)
