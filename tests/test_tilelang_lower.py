@@ -36,6 +36,13 @@ def _body(src: str) -> str:
     return src[src.index("__launch_bounds__") :]
 
 
+def _index_fetch_after_k_ready(body: str) -> list[bool]:
+    """For each producer `k_ready[..].arrive()` of the main loop: whether the next block's index fetch follows it
+    (pair mode) rather than precedes it (unpaired)."""
+    arrives = [m.end() for m in re.finditer(r"k_ready\[[^\]]*\]\.arrive\(\);", body)]
+    return [re.match(r"\s*if \([^\n]*\n\s*if \([^\n]*\n\s*ixn\[\w+\] = Idx1\[", body[a:]) is not None for a in arrives]
+
+
 # ---- attention: warp-specialised kernel ----------------------------------------------------------
 
 
@@ -62,6 +69,8 @@ def test_attention_ws_lowers(h, split):
     assert "(0x1p+3f/*8.000000e+00*/ < " in body and body.count("dsv4fn_warp_any(") == 2
     # (7 nope + 2 rope) 16-byte loads per key, main / extra list, prologue / one block ahead in the loop
     assert body.count("dsv4fn_ld128(") == 8
+    # the producer fetches the indices of its block after next before signalling a K tile (after: 4% slower here)
+    assert _index_fetch_after_k_ready(body) == [False]
     # the only block-wide barrier is the one after the mbarrier init (TileLang's automatic syncs are off;
     # a __syncthreads inside one warpgroup's branch would deadlock)
     assert body.count("__syncthreads()") == 1
@@ -97,6 +106,8 @@ def test_attention_ws_pair_mode_lowers():
     # lazy rescale's votes; pair mode's register budgets
     assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2
     assert body.count("dsv4fn_warp_any(") == 2
+    # its producer fetches the indices of its block after next only after signalling k_ready (both unrolled blocks)
+    assert _index_fetch_after_k_ready(body) == [True, True]
     assert f"warpgroup_reg_alloc<{attn.REG_PAIR[0]}>" in body and f"warpgroup_reg_dealloc<{attn.REG_PAIR[2]}>" in body
     for h, split in ((128, True), (64, False)):  # split paths unpaired; one head block: nothing to pair
         other = _body(_lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS))

@@ -41,13 +41,18 @@ main (window) + extra (compressed) index lists, each cut at its length:
   of FlashMLA's protocol cost the producer as much as the halved conversion saved (session 7); one bulk copy
   a half-chunk does not. Split paths stay unpaired (slower paired: fewer blocks a CTA to amortise the cluster).
   In pair mode warpgroup 0 takes P for its P V from registers (RS wgmma, as FlashMLA's does): it does not wait for
-  its own S stores (V4-Pro b=128 / 256 1-2% faster on the H100; the unpaired kernel is not faster so).
+  its own S stores (V4-Pro b=128 / 256 1-2% faster on the H100; the unpaired kernel is not faster so), and the
+  producer fetches the indices of its block after next only after signalling a K tile (4-5% at V4-Pro b=64-256;
+  the unpaired kernel is 4% slower so).
   Cluster merge (the split path with 2, 4 or 8 splits: `cluster_merge`): a row's splits run as one cluster, one CTA
   a split. Each CTA writes its split's log2 LSE per head to shared memory; after a cluster barrier every CTA reads
   all of them (distributed shared memory), scales its partial by 2^(m sl2 - L) times the sink factor and stages it
   as fp32 in the memory of its K tiles (free by then); after a second barrier each CTA sums its 64 / splits rows of
   the output over the cluster's staged partials (in rank order: deterministic) and writes them as bf16; a third
   keeps every CTA alive while its peers read it. No fp32 partials in global memory, no combine launch.
+  Next-wave prefetch (direct path, WS_PREFETCH): once its producer is done, a CTA prefetches into L2 what the CTA
+  one wave later reads first (its Q rows, index rows and first PF_KEYS keys' records), so later waves start from
+  L2 instead of DRAM (3-5% where there is a second wave).
 ``"legacy"``: the first kernel (one 256-thread program per row and head block, gathers and
 dequantizes synchronously); kept for comparison and for other geometries.
 
@@ -455,7 +460,8 @@ def build_attend_ws(
     FlashMLA does differently: pv_rs (warpgroup 0's P V with P from registers, RS wgmma, without waiting for its own
     S stores; pair mode always does so), l2_256 (the producer's record loads with an L2::256B prefetch hint),
     lazy / no_lazy (the lazy rescale on / off), regs=A/B/C (register budgets of warpgroup 0, 1, the producer), pf=N
-    (N keys of the next wave's rows prefetched, WS_PREFETCH; PF_KEYS by default)."""
+    (N keys of the next wave's rows prefetched, WS_PREFETCH; PF_KEYS by default), ix_late / ix_early (the producer
+    fetches the indices of its block after next after / before signalling a K tile; pair mode: after)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
     LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
@@ -493,6 +499,9 @@ def build_attend_ws(
         REG_PAIR if PAIR else (REG_WG0, REG_WG1, REG_PRODUCER),
     )
     # keys of the next wave's row prefetched (WS_PREFETCH; probe pf=N: another count, same results)
+    # where the producer fetches the indices of the block after the one it loads next: after signalling k_ready (pair
+    # mode: 4-5% faster at V4-Pro b=64-256 on the H100) or before (unpaired: 4% faster so); probes ix_late / ix_early
+    IX_LATE = "ix_late" in probes or (PAIR and "ix_early" not in probes)
     PFK = next((int(p[3:]) for p in probes if p.startswith("pf=")), PF_KEYS)
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
@@ -641,7 +650,7 @@ def build_attend_ws(
                 issue_block_loads(
                     C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + AHEAD, tok0, c, r, ixn, ok, raw, rp, sc
                 )  # fmt: skip
-        if it + AHEAD + 1 < cnt:
+        if not IX_LATE and it + AHEAD + 1 < cnt:
             fetch_indices(Idx1, Idx2, b, sq, nb1, blk + AHEAD + 1, tok0, ixn)
         stamp(trace_s, "P done", it, p == 0)
         T.fence_proxy_async()  # K_s is read by wgmma and (pair mode) by the bulk copy (async proxy)
@@ -659,6 +668,8 @@ def build_attend_ws(
                         peer_bar[0], 1 - rank,
                     )  # fmt: skip
         T.barrier_arrive(k_ready[st])
+        if IX_LATE and it + AHEAD + 1 < cnt:
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk + AHEAD + 1, tok0, ixn)
 
     @T.macro
     def producer(
