@@ -108,6 +108,9 @@ def test_attention_ws_pair_mode_lowers():
     assert body.count("dsv4fn_warp_any(") == 2
     # its producer fetches the indices of its block after next only after signalling k_ready (both unrolled blocks)
     assert _index_fetch_after_k_ready(body) == [True, True]
+    # warpgroup 0 issues its P V, hands S to warpgroup 1 (fence, s_ready), then waits for the P V
+    pv0 = body.index("tl::wgmma_rs<")
+    assert pv0 < body.index("s_ready[0].arrive();", pv0) < body.index("tl::wait_wgmma<0>();", pv0)
     assert f"warpgroup_reg_alloc<{attn.REG_PAIR[0]}>" in body and f"warpgroup_reg_dealloc<{attn.REG_PAIR[2]}>" in body
     for h, split in ((128, True), (64, False)):  # split paths unpaired; one head block: nothing to pair
         other = _body(_lower(attn.build_attend_ws(h, 64, 64, SCALE, split), attn.WS_PASS_CONFIGS))

@@ -43,7 +43,8 @@ main (window) + extra (compressed) index lists, each cut at its length:
   In pair mode warpgroup 0 takes P for its P V from registers (RS wgmma, as FlashMLA's does): it does not wait for
   its own S stores (V4-Pro b=128 / 256 1-2% faster on the H100; the unpaired kernel is not faster so), and the
   producer fetches the indices of its block after next only after signalling a K tile (4-5% at V4-Pro b=64-256;
-  the unpaired kernel is 4% slower so).
+  the unpaired kernel is 4% slower so); warpgroup 0 issues its P V before it hands S to warpgroup 1 and waits for
+  it after (the S stores and their fence overlap the P V: 3-5%).
   Cluster merge (the split path with 2, 4 or 8 splits: `cluster_merge`): a row's splits run as one cluster, one CTA
   a split. Each CTA writes its split's log2 LSE per head to shared memory; after a cluster barrier every CTA reads
   all of them (distributed shared memory), scales its partial by 2^(m sl2 - L) times the sink factor and stages it
@@ -461,7 +462,8 @@ def build_attend_ws(
     S stores; pair mode always does so), l2_256 (the producer's record loads with an L2::256B prefetch hint),
     lazy / no_lazy (the lazy rescale on / off), regs=A/B/C (register budgets of warpgroup 0, 1, the producer), pf=N
     (N keys of the next wave's rows prefetched, WS_PREFETCH; PF_KEYS by default), ix_late / ix_early (the producer
-    fetches the indices of its block after next after / before signalling a K tile; pair mode: after)."""
+    fetches the indices of its block after next after / before signalling a K tile; pair mode: after), pv0_async /
+    pv0_sync (warpgroup 0's P V issued before S is handed to warpgroup 1 and waited for after; pair mode: on)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
     LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
@@ -492,6 +494,9 @@ def build_attend_ws(
     NIX = 1 if PAIR else R  # indices held for the next block to load (this thread's keys of it)
     CLUSTER = (2, 1, 1) if PAIR else (MERGE, 1, 1) if MERGE else None
     PV_RS = PAIR or "pv_rs" in probes  # warpgroup 0's P V with P from registers (pair mode; probe elsewhere)
+    # warpgroup 0 issues its P V (P from registers) before handing S to warpgroup 1 and waits for it after: pair mode
+    # (3-5% at V4-Pro b=64-256 on the H100; nothing unpaired); probes pv0_async (with pv_rs) / pv0_sync
+    PV_ASYNC = PV_RS and (PAIR or "pv0_async" in probes) and "pv0_sync" not in probes
     LAZY = lazy if not {"lazy", "no_lazy"} & probes else "lazy" in probes
     # register budgets of warpgroup 0, warpgroup 1, the producer (probe regs=A/B/C: other budgets, same results)
     REGS = next(
@@ -814,10 +819,16 @@ def build_attend_ws(
                 for i in T.Parallel(HB):
                     alpha[i] = 1.0
             rescale(acc_o, alpha, resc)
+            if PV_ASYNC:  # this warpgroup's P V (P from registers) issued first, waited for after the hand-off
+                T.copy(acc_s, acc_p)
+                if "no_pv" not in probes:
+                    T.wgmma_gemm(acc_p, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             if it > 0:
                 barrier_wait(s_free, 0, (it - 1) % 2)  # warpgroup 1 is done with S_s / alpha_s of block it-1
             T.copy(alpha, alpha_s)
-            if PV_RS:  # P from registers for this warpgroup's P V, S_s for warpgroup 1's only
+            if PV_ASYNC:
+                T.copy(acc_p, S_s)
+            elif PV_RS:  # P from registers for this warpgroup's P V, S_s for warpgroup 1's only
                 T.copy(acc_s, acc_p)
                 T.copy(acc_p, S_s)
             else:
@@ -827,7 +838,9 @@ def build_attend_ws(
             if not PV_RS:
                 named_sync(WG0_BARRIER, 128)  # every row of S_s written before this warpgroup's wgmma
             stamp(trace_s, "S done", it, tx == 0)
-            if "no_pv" not in probes:
+            if PV_ASYNC:
+                T.wait_wgmma(0)
+            elif "no_pv" not in probes:
                 T.gemm(acc_p if PV_RS else S_s, K_s[st, :, 0:DH], acc_o, policy=T.GemmWarpPolicy.FullRow)
             stamp(trace_s, "PV0 done", it, tx == 0)
             release_k(k_free, st, tx, 0)
