@@ -503,10 +503,10 @@ def build_attend_ws(
         (tuple(int(x) for x in p[5:].split("/")) for p in probes if p.startswith("regs=")),
         REG_PAIR if PAIR else (REG_WG0, REG_WG1, REG_PRODUCER),
     )
-    # keys of the next wave's row prefetched (WS_PREFETCH; probe pf=N: another count, same results)
     # where the producer fetches the indices of the block after the one it loads next: after signalling k_ready (pair
     # mode: 4-5% faster at V4-Pro b=64-256 on the H100) or before (unpaired: 4% faster so); probes ix_late / ix_early
     IX_LATE = "ix_late" in probes or (PAIR and "ix_early" not in probes)
+    # keys of the next wave's row prefetched (WS_PREFETCH; probe pf=N: another count, same results)
     PFK = next((int(p[3:]) for p in probes if p.startswith("pf=")), PF_KEYS)
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
