@@ -104,13 +104,11 @@ def attn_probe(*which: str) -> None:
     print(f"attention ws ({config}), direct (1 split), window 128 + {extra}; stages left out; graphflush us")
     for b in batches:
         args, outs, expect = _ws_direct_args(b, h, extra)
+        ahead = args[-1]  # the prefetch distance WS_PREFETCH gives (the last kernel argument)
         line = [f"b={b}"]
         for pr in probes:
             k = attn._attend_ws_kernel(h, 64, 64, SCALE, False, _kernel_probe(pr))
-            if "no_pf" in pr.split(","):
-                args = (*args[:-1], 0)
-            else:
-                args = (*args[:-1], attn._prefetch_rows(h, _backend.sm_count(args[0].device) or attn.NUM_SMS_TARGET))
+            args = (*args[:-1], 0 if "no_pf" in pr.split(",") else ahead)
             check = ""
             if {t for t in pr.split(",") if t and not t.startswith(("regs=", "pf="))} <= EXACT_PROBES:
                 for o in outs:
