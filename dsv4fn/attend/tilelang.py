@@ -356,11 +356,17 @@ def _pair_mode(split: bool) -> bool:
     return WS_PAIR == "all" or (WS_PAIR == "direct" and not split)
 
 
+def _bool_knob(name: str) -> bool:
+    """A module knob that must be True or False (read per call), or a clear error."""
+    value = globals()[name]
+    if not isinstance(value, bool):
+        raise ValueError(f"dsv4fn.attend.tilelang.{name} must be True or False, got {value!r}")
+    return value
+
+
 def _lazy_mode() -> bool:
     """The ws kernel's `lazy` argument as WS_LAZY has it."""
-    if not isinstance(WS_LAZY, bool):
-        raise ValueError(f"dsv4fn.attend.tilelang.WS_LAZY must be True or False, got {WS_LAZY!r}")
-    return WS_LAZY
+    return _bool_knob("WS_LAZY")
 
 
 def _kernels(
@@ -1399,9 +1405,7 @@ def cluster_merge(splits: int, k1: int, k2: int, programs: int, sms: int = NUM_S
 
 def _prefetch_rows(h: int, sms: int) -> int:
     """The ws direct kernel's `ahead` (WS_PREFETCH): rows (b, s_q) a wave of one CTA an SM holds, or 0 (off)."""
-    if not isinstance(WS_PREFETCH, bool):
-        raise ValueError(f"dsv4fn.attend.tilelang.WS_PREFETCH must be True or False, got {WS_PREFETCH!r}")
-    return sms // ((h + HEAD_BLOCK - 1) // HEAD_BLOCK) if WS_PREFETCH else 0
+    return sms // _programs(1, 1, h) if _bool_knob("WS_PREFETCH") else 0
 
 
 def _check_geometry(cache: PagedKVCache) -> None:
