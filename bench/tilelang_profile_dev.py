@@ -78,23 +78,13 @@ def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
 
 
 # build_attend_ws probes that keep the results exact (checked before timing; regs=A/B/C and pf=N too)
-# (no_pf: the same kernel called with prefetch distance 0 - WS_PREFETCH off - not a build probe; walk: the walk-mode
-# kernel, called with walk_rows' CTA count - `n/a` where the batch is outside walk mode's range; wpf=N its prefetch)
-EXACT_PROBES = {"pv_rs", "l2_256", "lazy", "no_lazy", "no_pf", "ix_late", "ix_early", "pv0_async", "pv0_sync", "walk"}
-EXACT_PROBES |= {"walk1"}  # the walk kernel with one row a CTA (b CTAs a head block): its cost without a row change
-CALL_PROBES = ("no_pf", "walk", "walk1")
+# (no_pf: the same kernel called with prefetch distance 0 - WS_PREFETCH off - not a build probe)
+EXACT_PROBES = {"pv_rs", "l2_256", "lazy", "no_lazy", "no_pf", "ix_late", "ix_early", "pv0_async", "pv0_sync"}
 
 
 def _kernel_probe(pr: str) -> str:
-    """A probe list without the call-time probes (CALL_PROBES): what build_attend_ws gets."""
-    return ",".join(t for t in pr.split(",") if t and t not in CALL_PROBES)
-
-
-def _probe_kernel(h: int, pr: str):
-    return attn._attend_ws_kernel(
-        h, 64, 64, SCALE, False, _kernel_probe(pr), attn.BLOCK_I, 2, None, 0, True,
-        bool({"walk", "walk1"} & set(pr.split(","))),
-    )  # fmt: skip
+    """A probe list without the call-time probes (no_pf): what build_attend_ws gets."""
+    return ",".join(t for t in pr.split(",") if t and t != "no_pf")
 
 
 def attn_probe(*which: str) -> None:
@@ -109,27 +99,18 @@ def attn_probe(*which: str) -> None:
         batches, which = tuple(int(x) for x in which[0][2:].split(",")), which[1:]
     h, extra = (128, 1024) if config == "pro" else (64, ATTN_EXTRA)
     probes = [p if p != "full" else "" for p in which] or PROBES
-    builds = dict.fromkeys((_kernel_probe(pr), bool({"walk", "walk1"} & set(pr.split(",")))) for pr in probes)
-    compat.precompile([lambda pr=pr, w=w: _probe_kernel(h, pr + (",walk" if w else "")) for pr, w in builds])
+    builds = dict.fromkeys(map(_kernel_probe, probes))
+    compat.precompile([lambda pr=pr: attn._attend_ws_kernel(h, 64, 64, SCALE, False, pr) for pr in builds])
     print(f"attention ws ({config}), direct (1 split), window 128 + {extra}; stages left out; graphflush us")
     for b in batches:
         args, outs, expect = _ws_direct_args(b, h, extra)
         ahead = args[-1]  # the prefetch distance WS_PREFETCH gives (the last kernel argument)
         line = [f"b={b}"]
         for pr in probes:
-            k = _probe_kernel(h, pr)
-            if "walk" in pr.split(","):
-                walk = attn.walk_rows(b, 1, h, _backend.sm_count(args[0].device) or attn.NUM_SMS_TARGET)
-                if not walk:
-                    line.append(f"{pr}:n/a")
-                    continue
-                args = (*args[:-1], walk)
-            elif "walk1" in pr.split(","):
-                args = (*args[:-1], b)
-            else:
-                args = (*args[:-1], 0 if "no_pf" in pr.split(",") else ahead)
+            k = attn._attend_ws_kernel(h, 64, 64, SCALE, False, _kernel_probe(pr))
+            args = (*args[:-1], 0 if "no_pf" in pr.split(",") else ahead)
             check = ""
-            if {t for t in pr.split(",") if t and not t.startswith(("regs=", "pf=", "wpf="))} <= EXACT_PROBES:
+            if {t for t in pr.split(",") if t and not t.startswith(("regs=", "pf="))} <= EXACT_PROBES:
                 for o in outs:
                     o.fill_(float("nan"))
                 compat.launch(k, *args)

@@ -51,12 +51,6 @@ def _kernels_compiled():
         lambda e=e: attn._kernels_for("ws", e[0], 448, 64, 64, 64, 64, SCALE, e[1], True, e[2], e[3], e[4])
         for e in more
     ]
-    # walk mode (V4-Flash b=133..264, V4-Pro b=67..132): paired for 128 heads, and unpaired (WS_PAIR off)
-    walks = [(64, False), (128, True), (128, False)]
-    jobs += [
-        lambda h=h, p=p: attn._kernels_for("ws", h, 448, 64, 64, 64, 64, SCALE, False, True, p, 0, True, True)
-        for h, p in walks
-    ]
     jobs += [
         lambda: attn._kernels("ws", 8, 448, 64, 64, 64, 64, SCALE, False),
         lambda: attn._kernels("legacy", 64, 448, 64, 64, 64, 64, SCALE, True),
@@ -222,35 +216,6 @@ def test_attention_next_wave_prefetch(b, h, k2, monkeypatch):
     got = attn.sparse_attention(q, c1, i1, l1, **kw)
     _check_attn(ref_attention(q, c1, i1, l1, **kw), got)
     monkeypatch.setattr(attn, "WS_PREFETCH", False)
-    off = attn.sparse_attention(q, c1, i1, l1, **kw)
-    assert torch.equal(got[0], off[0]) and torch.equal(got[1], off[1])
-
-
-@pytest.mark.parametrize(
-    ("b", "h", "k2", "pair"), [(201, 64, 512, "direct"), (99, 128, 1024, "direct"), (100, 128, 1024, "off")],
-    ids=["flash", "pro-pair", "pro-unpaired"],
-)  # fmt: skip
-def test_attention_walk_mode(b, h, k2, pair, monkeypatch):
-    """Rows for more than one wave and at most two (V4-Flash: 132 CTAs, V4-Pro: 66 pairs): each CTA walks two rows,
-    g and g + G (G = ceil(rows / 2); an odd count leaves the last CTA one row), its producer running from the first
-    row's last block into the second's. Second rows with an empty window, holes, an empty second row, an empty first
-    row before a second one with keys: the reference's values, and the same bits as two waves of one row (WS_WALK
-    off)."""
-    monkeypatch.setattr(attn, "WS_PAIR", pair)
-    q, c1, i1, l1, c2, i2, l2, s = _attn_inputs(b, h, 128, k2, seed=b + 11)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    g = attn.walk_rows(b, 1, h, sms)
-    assert g == (b + 1) // 2 and attn.choose_splits(b, 1, h, 128, k2, "ws") == 1
-    l1[g : g + 8] = 0  # second rows with an empty window (their first blocks come from the extra list)
-    i2[g + 1, 0, ::3] = -1  # holes in a second row
-    l1[g + 2], l2[g + 2] = 0, 0  # an empty second row
-    l1[3], l2[3] = 0, 0  # an empty first row before a second one with keys (g + 3: row 1's extra list, full)
-    i2[g + 3], l2[g + 3] = i2[1], l2[1]
-    kw = dict(extra_cache=c2, extra_indices=i2, extra_lens=l2, sink=s, scale=SCALE)
-    got = attn.sparse_attention(q, c1, i1, l1, **kw)
-    _check_attn(ref_attention(q, c1, i1, l1, **kw), got)
-    monkeypatch.setattr(attn, "WS_WALK", False)
-    assert attn.walk_rows(b, 1, h, sms) == 0
     off = attn.sparse_attention(q, c1, i1, l1, **kw)
     assert torch.equal(got[0], off[0]) and torch.equal(got[1], off[1])
 

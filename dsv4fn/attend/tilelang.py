@@ -103,10 +103,6 @@ LAZY_TAU = 8.0
 # PF_KEYS keys), so that wave's prologue reads L2 instead of DRAM (bench knob, read per call: no recompile)
 WS_PREFETCH = True
 PF_KEYS = 128  # keys (two 64-key blocks) of the next wave's row prefetched, shared by the row's head-block CTAs
-# walk mode (WS_WALK, direct path): when the rows fill more than one wave of CTAs and at most two, each CTA walks two
-# rows (module docstring); its producer prefetches the second row's Q and index rows after this block of the first
-WS_WALK = True
-WALK_PF_BLOCK = 1
 COMBINE_PDL = True  # the combine is a programmatic dependent launch of the split kernel (bench knob, read per call)
 # ws split path: a row's splits as one cluster that merges the partials in distributed shared memory where the split
 # count fits a cluster (`cluster_merge`); False: always partials + the combine kernel (bench knob, read per call)
@@ -351,7 +347,6 @@ TRACE_ROWS = len(TRACE_BLOCK) + 1
 WG0_BARRIER = 1  # named barrier of consumer warpgroup 0 (128 threads)
 WG1_BARRIER = 2  # named barrier of consumer warpgroup 1 (its output staging)
 PRODUCER_BARRIER = 3  # named barrier of the producer warpgroup (pair mode: its half of a K tile written)
-CONSUMERS_BARRIER = 4  # walk mode: both consumer warpgroups (row A's output read out of Q_s before row B's Q)
 
 
 def _pair_mode(split: bool) -> bool:
@@ -376,25 +371,21 @@ def _lazy_mode() -> bool:
 
 def _kernels(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool = True,
-    merge: int = 0, walk: bool = False,
+    merge: int = 0,
 ):  # fmt: skip
     """Compiled (main, combine-or-None) kernels for one geometry (`pdl`: the combine as a PDL launch), the ws
     kernel's pair mode and lazy rescale as WS_PAIR and WS_LAZY have them now; `merge` (ws split path): the
-    cluster-merge kernel of that many splits (no combine); `walk` (ws direct path): the walk-mode kernel."""
-    return _kernels_for(
-        impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split), merge, _lazy_mode(), walk
-    )  # fmt: skip
+    cluster-merge kernel of that many splits (no combine)."""
+    return _kernels_for(impl, h, nope, rope, tile, p1, p2, scale, split, pdl, _pair_mode(split), merge, _lazy_mode())
 
 
 @functools.cache
 def _kernels_for(
     impl: str, h: int, nope: int, rope: int, tile: int, p1: int, p2: int, scale: float, split: bool, pdl: bool,
-    pair: bool, merge: int = 0, lazy: bool = True, walk: bool = False,
+    pair: bool, merge: int = 0, lazy: bool = True,
 ):  # fmt: skip
     if impl == "ws" and split and merge:
         return _attend_ws_kernel(h, p1, p2, scale, True, "", BLOCK_I, 2, False, merge, lazy), None
-    if impl == "ws" and walk and not split:
-        return _attend_ws_kernel(h, p1, p2, scale, False, "", BLOCK_I, 2, pair, 0, lazy, True), None
     if impl == "ws":
         main = _attend_ws_kernel(h, p1, p2, scale, split, "", BLOCK_I, 2, pair, 0, lazy)
     else:
@@ -406,9 +397,9 @@ def _kernels_for(
 @jit(pass_configs=WS_PASS_CONFIGS)
 def _attend_ws_kernel(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None, merge: int = 0, lazy: bool = True, walk: bool = False,
+    pair: bool | None = None, merge: int = 0, lazy: bool = True,
 ):  # fmt: skip
-    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, merge, lazy, walk)
+    return build_attend_ws(h, p1, p2, scale, split, probe, bi, stages, pair, merge, lazy)
 
 
 @jit(pass_configs=PASS_CONFIGS)
@@ -462,7 +453,7 @@ def _online_softmax(HB: int, BI: int, sl2: float, ftz_exp2: bool = False, lazy_t
 
 def build_attend_ws(
     h: int, p1: int, p2: int, scale: float, split: bool, probe: str = "", bi: int = BLOCK_I, stages: int = 2,
-    pair: bool | None = None, merge: int = 0, lazy: bool = True, walk: bool = False,
+    pair: bool | None = None, merge: int = 0, lazy: bool = True,
 ):  # fmt: skip
     """The warp-specialised attention PrimFunc (V4 geometry: 448 e4m3 + 64 bf16 rope, tile 64): blocks of `bi`
     keys (32 or 64) on a ring of `stages` bf16 K tiles; `pair`: pair mode for two head blocks (module docstring;
@@ -523,13 +514,6 @@ def build_attend_ws(
     IX_LATE = "ix_late" in probes or (PAIR and "ix_early" not in probes)
     # keys of the next wave's row prefetched (WS_PREFETCH; probe pf=N: another count, same results)
     PFK = next((int(p[3:]) for p in probes if p.startswith("pf=")), PF_KEYS)
-    # walk mode (direct path only): a CTA walks two rows, row A (its grid row) and row B `ahead` rows later, its
-    # producer running from row A's last block into row B's first while the consumers finish row A; the producer
-    # prefetches row B's Q and index rows into L2 after its block WALK_PF (probe wpf=N)
-    WALK = walk
-    if WALK and (split or MERGE or TRACE):
-        raise ValueError("ws attention: walk mode is the direct path's (no split, no cluster merge, no trace probe)")
-    WALK_PF = next((int(p[4:]) for p in probes if p.startswith("wpf=")), WALK_PF_BLOCK)
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True, lazy_tau=LAZY_TAU if LAZY else 0.0)
@@ -579,32 +563,14 @@ def build_attend_ws(
     def kofs(r):  # the key (tok0 + kofs) of register set r
         return 0 if PAIR else 32 * r
 
-    def at(rows, it, off, f):
-        """Field f of the row holding the CTA's block it + off: 0 b, 1 sq, 2 n1, 3 n2, 4 nb1 (its main list's blocks),
-        5 the block's index in its row. `rows`: (row A, row B or None), each (b, sq, n1, n2, nb1, first): `first` is
-        the row's first block (row A: blk0 of its split; row B, walk mode: the CTA's flat index of its block 0)."""
-        ra, rb = rows
-        if rb is None:
-            return ra[f] if f < 5 else ra[5] + it + off
-        isb = it + off >= rb[5]
-        if f < 5:
-            return T.if_then_else(isb, rb[f], ra[f])
-        return it + off - T.if_then_else(isb, rb[5], 0)
-
-    def span(g0, cnt):  # a consumer's loop over the CTA's blocks g0 .. g0 + cnt - 1 (g0 is 0 unless WALK)
-        return T.serial(g0, g0 + cnt) if WALK else T.serial(cnt)
-
     @T.macro
-    def fetch_indices(Idx1, Idx2, rows, it, off, tok0, ixn):
-        # indices of this thread's keys of block it + off (main list first, then extra)
+    def fetch_indices(Idx1, Idx2, b, sq, nb1, blk, tok0, ixn):
+        # indices of this thread's keys of block `blk` (main list first, then extra)
         for r in T.unroll(NIX):
-            if at(rows, it, off, 5) < at(rows, it, off, 4):
-                ixn[r] = Idx1[at(rows, it, off, 0), at(rows, it, off, 1),
-                              T.min(at(rows, it, off, 5) * BI + (tok0 + 32 * r) % BI, K1 - 1)]  # fmt: skip
+            if blk < nb1:
+                ixn[r] = Idx1[b, sq, T.min(blk * BI + (tok0 + 32 * r) % BI, K1 - 1)]
             else:
-                ixn[r] = Idx2[at(rows, it, off, 0), at(rows, it, off, 1),
-                              T.min((at(rows, it, off, 5) - at(rows, it, off, 4)) * BI + (tok0 + 32 * r) % BI,
-                                    K2 - 1)]  # fmt: skip
+                ixn[r] = Idx2[b, sq, T.min((blk - nb1) * BI + (tok0 + 32 * r) % BI, K2 - 1)]
 
     @T.macro
     def issue_loads(Cw, Ch, P, rpp, n, col0, tok0, c, r, ixn, ok, raw, rp, sc):
@@ -629,14 +595,13 @@ def build_attend_ws(
         )  # fmt: skip
 
     @T.macro
-    def issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, rows, it, off, tok0, c, r, ixn, ok, raw, rp, sc):
-        # register set r's loads of block it + off
-        if at(rows, it, off, 5) < at(rows, it, off, 4):
-            issue_loads(C1w, C1h, p1, rpp1, at(rows, it, off, 2), at(rows, it, off, 5) * BI, tok0, c, r, ixn, ok, raw,
-                        rp, sc)  # fmt: skip
+    def issue_block_loads(
+        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk, tok0, c, r, ixn, ok, raw, rp, sc,
+    ):  # fmt: skip
+        if blk < nb1:
+            issue_loads(C1w, C1h, p1, rpp1, n1, blk * BI, tok0, c, r, ixn, ok, raw, rp, sc)
         else:
-            issue_loads(C2w, C2h, p2, rpp2, at(rows, it, off, 3), (at(rows, it, off, 5) - at(rows, it, off, 4)) * BI,
-                        tok0, c, r, ixn, ok, raw, rp, sc)  # fmt: skip
+            issue_loads(C2w, C2h, p2, rpp2, n2, (blk - nb1) * BI, tok0, c, r, ixn, ok, raw, rp, sc)
 
     def make_dequant_store(fn: str):
         """Macro: dequantize register set r (key tok0 + kofs(r)) into K_s[st] with the extern `fn`."""
@@ -667,12 +632,13 @@ def build_attend_ws(
 
     @T.macro
     def produce(
-        it, sets, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, rows, cnt, K_s, valid_s, k_ready,
+        it, sets, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt, K_s, valid_s, k_ready,
         k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok, raw, rp, sc, outb, peer_bar,
     ):  # fmt: skip
-        # the CTA's block it (of cnt, over `rows`: see `at`): wait for its K tile, dequantize register sets `sets`
-        # (None: all R, T.unroll) into it, reload each set with the block AHEAD later as soon as it is dequantized,
-        # fetch the indices after that, signal the tile
+        # block it: wait for its K tile, dequantize register sets `sets` (None: all R, T.unroll) into it, reload
+        # each set with the block AHEAD later as soon as it is dequantized, fetch the indices after that, signal
+        # the tile
+        blk = blk0 + it
         st = it % KS
         # pair mode: both CTAs' consumers are done with tile st (this producer writes into both; remote arrivals,
         # waited at CTA scope as CUTLASS's cluster barriers are)
@@ -692,9 +658,11 @@ def build_attend_ws(
             else:
                 dequant_fast(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s)
             if it + AHEAD < cnt:
-                issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, rows, it, AHEAD, tok0, c, r, ixn, ok, raw, rp, sc)
+                issue_block_loads(
+                    C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk + AHEAD, tok0, c, r, ixn, ok, raw, rp, sc
+                )  # fmt: skip
         if not IX_LATE and it + AHEAD + 1 < cnt:
-            fetch_indices(Idx1, Idx2, rows, it, AHEAD + 1, tok0, ixn)
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk + AHEAD + 1, tok0, ixn)
         stamp(trace_s, "P done", it, p == 0)
         T.fence_proxy_async()  # K_s is read by wgmma and (pair mode) by the bulk copy (async proxy)
         if PAIR:
@@ -712,50 +680,13 @@ def build_attend_ws(
                     )  # fmt: skip
         T.barrier_arrive(k_ready[st])
         if IX_LATE and it + AHEAD + 1 < cnt:
-            fetch_indices(Idx1, Idx2, rows, it, AHEAD + 1, tok0, ixn)
-
-    @T.macro
-    def prefetch_record(Cw, P, rpp, slot):
-        # one key's 576-byte record and the L2 line of its scales
-        prow = T.cast(slot // P, i64) * rpp
-        T.call_extern("handle", "dsv4fn_prefetch_bulk", T.address_of(Cw[(prow + slot % P) * RECW]), WS_REC)
-        T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]))
-
-    @T.macro
-    def prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead, p, keys):
-        # WS_PREFETCH (producer threads p, after their last block): into L2, what the CTA `ahead` rows later with this
-        # head block reads first - the next wave's, when a wave holds `ahead` rows (0: off): its Q rows, index rows
-        # and the records of its first `keys` keys (walk mode: the CTA's own row B, keys 0 - the producer's
-        # pipeline loads its first blocks while it finishes row A)
-        nxt = b * SQ + sq + ahead
-        if ahead > 0 and nxt < B * SQ:
-            b2 = nxt // SQ
-            sq2 = nxt % SQ
-            if p < HB:  # its Q rows, one head (1 KB) a thread
-                if h0 + p < h:
-                    T.call_extern("handle", "dsv4fn_prefetch_bulk", T.address_of(Q[b2, sq2, h0 + p, 0]), D * 2)
-            if p * 32 < K1:  # its index rows, one 128-byte line a thread
-                T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Idx1[b2, sq2, p * 32]))
-            if p * 32 < K2:
-                T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Idx2[b2, sq2, p * 32]))
-            for j in T.unroll((keys // NHB + 127) // 128):  # key k of its first `keys` (main, then extra), its share
-                k = (h0 // HB) * (keys // NHB) + j * 128 + p
-                n1b = T.max(T.min(Len1[b2], K1), 0)
-                if j * 128 + p < keys // NHB:
-                    if k < n1b:
-                        if Idx1[b2, sq2, k] >= 0:
-                            prefetch_record(C1w, p1, rpp1, Idx1[b2, sq2, k])
-                    elif k - n1b < T.max(T.min(Len2[b2], K2), 0):
-                        if Idx2[b2, sq2, k - n1b] >= 0:
-                            prefetch_record(C2w, p2, rpp2, Idx2[b2, sq2, k - n1b])
+            fetch_indices(Idx1, Idx2, b, sq, nb1, blk + AHEAD + 1, tok0, ixn)
 
     @T.macro
     def producer(
-        Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, rows, cnt, K_s, valid_s, k_ready, k_free, k_remote,
-        p, trace_s, rank, b, sq, h0, ahead,
+        Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+        K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, rank,
     ):  # fmt: skip
-        # the CTA's cnt blocks over `rows` (see `at`); walk mode: prefetch_next for row B (row A = b, sq plus ahead:
-        # its Q and index rows) after block WALK_PF
         stamp_once(trace_s, "producer start", p == 0)
         lane = p % 32
         c = lane // 8  # 16-byte column of each 64-wide tile
@@ -774,38 +705,69 @@ def build_attend_ws(
         if PAIR:  # sets = blocks it % 2 (unrolled here: the sets are registers, indexed by constants only)
             for r in T.unroll(R, explicit=True):
                 if r < cnt:
-                    fetch_indices(Idx1, Idx2, rows, 0, r, tok0, ixn)
-                    issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, rows, 0, r, tok0, c, r, ixn, ok, raw, rp, sc)
+                    fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + r, tok0, ixn)
+                    issue_block_loads(
+                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0 + r, tok0, c, r, ixn, ok, raw, rp, sc
+                    )  # fmt: skip
             if R < cnt:
-                fetch_indices(Idx1, Idx2, rows, 0, R, tok0, ixn)
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + R, tok0, ixn)
             for it2 in T.serial(T.ceildiv(cnt, R)):
                 for r in T.unroll(R, explicit=True):
                     if it2 * R + r < cnt:
                         produce(
-                            it2 * R + r, (r,), Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, rows, cnt, K_s, valid_s,
-                            k_ready, k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok, raw, rp, sc, outb, peer_bar,
+                            it2 * R + r, (r,), Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0,
+                            cnt, K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok,
+                            raw, rp, sc, outb, peer_bar,
                         )  # fmt: skip
-                        if WALK:
-                            if it2 * R + r == WALK_PF:
-                                prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0,
-                                              ahead, p, 0)  # fmt: skip
         else:  # sets = the block's keys
             if cnt > 0:
-                fetch_indices(Idx1, Idx2, rows, 0, 0, tok0, ixn)
+                fetch_indices(Idx1, Idx2, b, sq, nb1, blk0, tok0, ixn)
                 for r in T.unroll(R):
-                    issue_block_loads(C1w, C1h, C2w, C2h, rpp1, rpp2, rows, 0, 0, tok0, c, r, ixn, ok, raw, rp, sc)
+                    issue_block_loads(
+                        C1w, C1h, C2w, C2h, rpp1, rpp2, n1, n2, nb1, blk0, tok0, c, r, ixn, ok, raw, rp, sc
+                    )  # fmt: skip
                 if cnt > 1:
-                    fetch_indices(Idx1, Idx2, rows, 0, 1, tok0, ixn)
+                    fetch_indices(Idx1, Idx2, b, sq, nb1, blk0 + 1, tok0, ixn)
             for it in T.serial(cnt):
                 produce(
-                    it, None, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, rows, cnt, K_s, valid_s, k_ready, k_free,
-                    k_remote, p, trace_s, tok0, c, rank, ixn, ok, raw, rp, sc, outb, peer_bar,
+                    it, None, Idx1, Idx2, C1w, C1h, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                    K_s, valid_s, k_ready, k_free, k_remote, p, trace_s, tok0, c, rank, ixn, ok, raw, rp, sc,
+                    outb, peer_bar,
                 )  # fmt: skip
-                if WALK:
-                    if it == WALK_PF:
-                        prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead,
-                                      p, 0)  # fmt: skip
         stamp_once(trace_s, "producer end", p == 0)
+
+    @T.macro
+    def prefetch_record(Cw, P, rpp, slot):
+        # one key's 576-byte record and the L2 line of its scales
+        prow = T.cast(slot // P, i64) * rpp
+        T.call_extern("handle", "dsv4fn_prefetch_bulk", T.address_of(Cw[(prow + slot % P) * RECW]), WS_REC)
+        T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]))
+
+    @T.macro
+    def prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead, p):
+        # WS_PREFETCH (producer threads p, after their last block): into L2, what the CTA `ahead` rows later with this
+        # head block reads first - the next wave's, when a wave holds `ahead` rows (0: off)
+        nxt = b * SQ + sq + ahead
+        if ahead > 0 and nxt < B * SQ:
+            b2 = nxt // SQ
+            sq2 = nxt % SQ
+            if p < HB:  # its Q rows, one head (1 KB) a thread
+                if h0 + p < h:
+                    T.call_extern("handle", "dsv4fn_prefetch_bulk", T.address_of(Q[b2, sq2, h0 + p, 0]), D * 2)
+            if p * 32 < K1:  # its index rows, one 128-byte line a thread
+                T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Idx1[b2, sq2, p * 32]))
+            if p * 32 < K2:
+                T.call_extern("handle", "dsv4fn_prefetch_line", T.address_of(Idx2[b2, sq2, p * 32]))
+            for j in T.unroll((PFK // NHB + 127) // 128):  # key k of its first PFK (main list, then extra), its share
+                k = (h0 // HB) * (PFK // NHB) + j * 128 + p
+                n1b = T.max(T.min(Len1[b2], K1), 0)
+                if j * 128 + p < PFK // NHB:
+                    if k < n1b:
+                        if Idx1[b2, sq2, k] >= 0:
+                            prefetch_record(C1w, p1, rpp1, Idx1[b2, sq2, k])
+                    elif k - n1b < T.max(T.min(Len2[b2], K2), 0):
+                        if Idx2[b2, sq2, k - n1b] >= 0:
+                            prefetch_record(C2w, p2, rpp2, Idx2[b2, sq2, k - n1b])
 
     @T.macro
     def release_k(k_free, st, tx, w0):
@@ -835,10 +797,9 @@ def build_attend_ws(
 
     @T.macro
     def consumer0(
-        Q, Q_s, K_s, S_s, valid_s, alpha_s, resc, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0, g0, cnt,
+        Q, Q_s, K_s, S_s, valid_s, alpha_s, resc, k_ready, k_free, k_remote, s_ready, s_free, b, sq, h0, cnt,
         acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s,
     ):  # fmt: skip
-        # one row's cnt blocks: the CTA's blocks g0 .. g0 + cnt - 1 (g0: 0, or walk mode's row B: row A's count)
         tx = T.get_thread_binding()
         stamp_once(trace_s, "WG0 start", tx == 0)
         stamp_once(trace_s, "WG0 start ns", tx == 0)
@@ -847,7 +808,7 @@ def build_attend_ws(
         T.fill(acc_o, 0)
         T.fill(sumexp, 0)
         T.fill(m_i, -(2.0**30))
-        for it in span(g0, cnt):
+        for it in T.serial(cnt):
             st = it % KS
             barrier_wait(k_ready, st, (it // KS) % 2)
             if PAIR:  # the peer's half of the tile (bulk-copy bytes: async proxy, read by wgmma's async proxy)
@@ -891,10 +852,10 @@ def build_attend_ws(
             release_k(k_free, st, tx, 0)
 
     @T.macro
-    def consumer1(K_s, S_s, alpha_s, resc, k_free, s_ready, s_free, g0, cnt, acc_o, alpha, trace_s):
+    def consumer1(K_s, S_s, alpha_s, resc, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s):
         tx = T.get_thread_binding()
         T.fill(acc_o, 0)
-        for it in span(g0, cnt):
+        for it in T.serial(cnt):
             st = it % KS
             barrier_wait(s_ready, 0, it % 2)
             stamp(trace_s, "S rdy", it, tx == 128)
@@ -959,86 +920,6 @@ def build_attend_ws(
         split_mode = mode == "partial"
 
         @T.macro
-        def wg0_row(
-            Q, Q_s, K_s, S_s, valid_s, alpha_s, fac_s, lse_s, resc, k_ready, k_free, k_remote, s_ready, s_free, epi,
-            b, sq, h0, sp, g0, cnt, Sink, Out, L, acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, fac, trace_s,
-        ):  # fmt: skip
-            # warpgroup 0: one row's blocks (the CTA's g0 .. g0 + cnt - 1) and its epilogue
-            consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, resc, k_ready, k_free, k_remote, s_ready, s_free, b, sq,
-                      h0, g0, cnt, acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
-            if split_mode:
-                for i in T.Parallel(HB):
-                    fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
-            elif mode == "merge":  # the row's log2 LSE from the cluster's: m_prev = max, sum_i = sum, alpha = LSE
-                for i in T.Parallel(HB):
-                    lse_s[i] = T.if_then_else(sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32))
-                    m_prev[i] = -T.infinity(f32)
-                    sum_i[i] = 0.0
-                cluster_sync_all()  # (1 of 3) every split's LSEs written, every K tile read for the last time
-                for r in T.unroll(MERGE):
-                    for i in T.Parallel(HB):
-                        m_prev[i] = T.max(
-                            m_prev[i], T.call_extern(f32, "dsv4fn_ld_rank_f32", T.address_of(lse_s[i]), r)
-                        )
-                for r in T.unroll(MERGE):
-                    for i in T.Parallel(HB):
-                        alpha[i] = T.call_extern(f32, "dsv4fn_ld_rank_f32", T.address_of(lse_s[i]), r)
-                        sum_i[i] += T.if_then_else(alpha[i] == -T.infinity(f32), 0.0, T.exp2(alpha[i] - m_prev[i]))
-                for i in T.Parallel(HB):
-                    alpha[i] = T.log2(sum_i[i]) + m_prev[i]
-                    sink_fac = 1.0 / (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i] * LN2))
-                    fac[i] = T.if_then_else(sumexp[i] != 0, T.exp2(m_i[i] * sl2 - alpha[i]) * sink_fac, 0.0)
-            else:
-                for i in T.Parallel(HB):
-                    alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
-                    fac[i] = T.if_then_else(
-                        sumexp[i] != 0,
-                        1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i]))),
-                        0.0,
-                    )
-            T.copy(fac, fac_s)
-            T.barrier_arrive(epi)
-            if split_mode:
-                for i, d in T.Parallel(HB, DH):
-                    if h0 + i < h:
-                        Out[b, sq, sp, h0 + i, d] = acc_o[i, d] * fac[i]
-                for i in T.Parallel(HB):
-                    if h0 + i < h:
-                        L[b, sq, sp, h0 + i] = T.if_then_else(
-                            sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
-                        )
-            elif mode == "merge":
-                stage_half(K_s, acc_o, fac, 0)
-                for i in T.Parallel(HB):
-                    if sp == 0 and h0 + i < h:
-                        L[b, h0 + i, sq] = T.if_then_else(sum_i[i] != 0, alpha[i] * LN2, T.infinity(f32))
-            else:
-                store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
-                for i in T.Parallel(HB):
-                    if h0 + i < h:
-                        L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
-
-        @T.macro
-        def wg1_row(K_s, S_s, Q_s, alpha_s, fac_s, resc, k_free, s_ready, s_free, epi, b, sq, h0, sp, g0, cnt, ph, Out,
-                    acc_o, alpha, trace_s):  # fmt: skip
-            # warpgroup 1: one row's blocks and its half of the epilogue
-            tx = T.get_thread_binding()
-            consumer1(K_s, S_s, alpha_s, resc, k_free, s_ready, s_free, g0, cnt, acc_o, alpha, trace_s)
-            if mode == "merge":
-                cluster_sync_all()  # (1 of 3)
-            barrier_wait(epi, 0, ph)  # (phase: the CTA's row, walk mode)
-            T.copy(fac_s, alpha)
-            if split_mode:
-                for i, d in T.Parallel(HB, DH):
-                    if h0 + i < h:
-                        Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
-            elif mode == "merge":
-                stage_half(K_s, acc_o, alpha, DH)
-            else:
-                store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
-            stamp_once(trace_s, "WG1 end", tx == 128)
-
-        @T.macro
         def body(
             Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, h0, sp, nsplit, Sink, Out, L, ahead,
         ):  # fmt: skip
@@ -1066,18 +947,6 @@ def build_attend_ws(
             per = T.ceildiv(nb, nsplit)
             blk0 = sp * per
             cnt = T.max(T.min(nb - blk0, per), 0)
-            if WALK:  # row B: `ahead` rows after row A (none past the last row); its blocks follow row A's
-                row_b = b * SQ + sq + ahead
-                has_b = row_b < B * SQ
-                rowb_l = T.alloc_local([2], i32)  # its (b, sq), computed once (registers)
-                rowb_l[0] = T.min(row_b // SQ, B - 1)
-                rowb_l[1] = row_b % SQ
-                b_b = rowb_l[0]
-                sq_b = rowb_l[1]
-                n1_b = T.max(T.min(Len1[b_b], K1), 0)
-                n2_b = T.max(T.min(Len2[b_b], K2), 0)
-                nb1_b = T.ceildiv(n1_b, BI)
-                cnt_b = T.if_then_else(has_b, nb1_b + T.ceildiv(n2_b, BI), 0)
             rank = (h0 // HB) % 2  # pair mode: this CTA's rank in the cluster (its head block)
             if PAIR:
                 T.cluster_sync()  # both CTAs' barriers initialised before the first remote arrival or store
@@ -1093,39 +962,84 @@ def build_attend_ws(
                 alpha = T.alloc_fragment([HB], f32)
                 fac = T.alloc_fragment([HB], f32)
                 resc = T.alloc_local([1], i32)  # lazy rescale: some row of this thread's moved its max
-                wg0_row(Q, Q_s, K_s, S_s, valid_s, alpha_s, fac_s, lse_s, resc, k_ready, k_free, k_remote, s_ready,
-                        s_free, epi, b, sq, h0, sp, 0, cnt, Sink, Out, L, acc_o, acc_s, acc_p, m_i, m_prev, sumexp,
-                        sum_i, alpha, fac, trace_s)  # fmt: skip
-                if WALK:
-                    if has_b:  # row B, once warpgroup 1 has read its half of row A's output out of Q_s
-                        named_sync(CONSUMERS_BARRIER, 256)
-                        wg0_row(Q, Q_s, K_s, S_s, valid_s, alpha_s, fac_s, lse_s, resc, k_ready, k_free, k_remote,
-                                s_ready, s_free, epi, b_b, sq_b, h0, sp, cnt, cnt_b, Sink, Out, L, acc_o, acc_s, acc_p,
-                                m_i, m_prev, sumexp, sum_i, alpha, fac, trace_s)  # fmt: skip
+                consumer0(Q, Q_s, K_s, S_s, valid_s, alpha_s, resc, k_ready, k_free, k_remote, s_ready, s_free, b, sq,
+                          h0, cnt, acc_o, acc_s, acc_p, m_i, m_prev, sumexp, sum_i, alpha, trace_s)  # fmt: skip
+                if split_mode:
+                    for i in T.Parallel(HB):
+                        fac[i] = T.if_then_else(sumexp[i] != 0, 1.0 / sumexp[i], 0.0)
+                elif mode == "merge":  # the row's log2 LSE from the cluster's: m_prev = max, sum_i = sum, alpha = LSE
+                    for i in T.Parallel(HB):
+                        lse_s[i] = T.if_then_else(sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32))
+                        m_prev[i] = -T.infinity(f32)
+                        sum_i[i] = 0.0
+                    cluster_sync_all()  # (1 of 3) every split's LSEs written, every K tile read for the last time
+                    for r in T.unroll(MERGE):
+                        for i in T.Parallel(HB):
+                            m_prev[i] = T.max(
+                                m_prev[i], T.call_extern(f32, "dsv4fn_ld_rank_f32", T.address_of(lse_s[i]), r)
+                            )
+                    for r in T.unroll(MERGE):
+                        for i in T.Parallel(HB):
+                            alpha[i] = T.call_extern(f32, "dsv4fn_ld_rank_f32", T.address_of(lse_s[i]), r)
+                            sum_i[i] += T.if_then_else(alpha[i] == -T.infinity(f32), 0.0, T.exp2(alpha[i] - m_prev[i]))
+                    for i in T.Parallel(HB):
+                        alpha[i] = T.log2(sum_i[i]) + m_prev[i]
+                        sink_fac = 1.0 / (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i] * LN2))
+                        fac[i] = T.if_then_else(sumexp[i] != 0, T.exp2(m_i[i] * sl2 - alpha[i]) * sink_fac, 0.0)
+                else:
+                    for i in T.Parallel(HB):
+                        alpha[i] = (T.log2(sumexp[i]) + m_i[i] * sl2) * LN2  # natural-log LSE
+                        fac[i] = T.if_then_else(
+                            sumexp[i] != 0,
+                            1.0 / (sumexp[i] * (1.0 + T.exp(Sink[T.min(h0 + i, h - 1)] - alpha[i]))),
+                            0.0,
+                        )
+                T.copy(fac, fac_s)
+                T.barrier_arrive(epi)
+                if split_mode:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, sp, h0 + i, d] = acc_o[i, d] * fac[i]
+                    for i in T.Parallel(HB):
+                        if h0 + i < h:
+                            L[b, sq, sp, h0 + i] = T.if_then_else(
+                                sumexp[i] != 0, T.log2(sumexp[i]) + m_i[i] * sl2, -T.infinity(f32)
+                            )
+                elif mode == "merge":
+                    stage_half(K_s, acc_o, fac, 0)
+                    for i in T.Parallel(HB):
+                        if sp == 0 and h0 + i < h:
+                            L[b, h0 + i, sq] = T.if_then_else(sum_i[i] != 0, alpha[i] * LN2, T.infinity(f32))
+                else:
+                    store_half(Out, Q_s, acc_o, fac, b, sq, h0, 0, WG0_BARRIER)
+                    for i in T.Parallel(HB):
+                        if h0 + i < h:
+                            L[b, h0 + i, sq] = T.if_then_else(sumexp[i] != 0, alpha[i], T.infinity(f32))
             elif tx < 256:
                 T.set_max_nreg(REGS[1], 0)
                 acc_o = T.alloc_fragment([HB, DH], f32)
                 alpha = T.alloc_fragment([HB], f32)
                 resc = T.alloc_local([1], i32)
-                wg1_row(K_s, S_s, Q_s, alpha_s, fac_s, resc, k_free, s_ready, s_free, epi, b, sq, h0, sp, 0, cnt, 0,
-                        Out, acc_o, alpha, trace_s)  # fmt: skip
-                if WALK:
-                    if has_b:
-                        named_sync(CONSUMERS_BARRIER, 256)  # this half of row A's output read out of Q_s
-                        wg1_row(K_s, S_s, Q_s, alpha_s, fac_s, resc, k_free, s_ready, s_free, epi, b_b, sq_b, h0, sp,
-                                cnt, cnt_b, 1, Out, acc_o, alpha, trace_s)  # fmt: skip
+                consumer1(K_s, S_s, alpha_s, resc, k_free, s_ready, s_free, cnt, acc_o, alpha, trace_s)
+                if mode == "merge":
+                    cluster_sync_all()  # (1 of 3)
+                barrier_wait(epi, 0, 0)
+                T.copy(fac_s, alpha)
+                if split_mode:
+                    for i, d in T.Parallel(HB, DH):
+                        if h0 + i < h:
+                            Out[b, sq, sp, h0 + i, DH + d] = acc_o[i, d] * alpha[i]
+                elif mode == "merge":
+                    stage_half(K_s, acc_o, alpha, DH)
+                else:
+                    store_half(Out, Q_s, acc_o, alpha, b, sq, h0, DH, WG1_BARRIER)
+                stamp_once(trace_s, "WG1 end", tx == 128)
             else:
                 T.set_max_nreg(REGS[2], 0)
-                if WALK:
-                    producer(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2,
-                             ((b, sq, n1, n2, nb1, blk0), (b_b, sq_b, n1_b, n2_b, nb1_b, cnt)), cnt + cnt_b, K_s,
-                             valid_s, k_ready, k_free, k_remote, tx - 256, trace_s, rank, b, sq, h0, ahead)  # fmt: skip
-                else:
-                    producer(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2,
-                             ((b, sq, n1, n2, nb1, blk0), None), cnt, K_s, valid_s, k_ready, k_free, k_remote,
-                             tx - 256, trace_s, rank, b, sq, h0, ahead)  # fmt: skip
-                if mode == "direct" and not WALK:
-                    prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead, tx - 256, PFK)
+                producer(Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, b, sq, n1, n2, nb1, blk0, cnt,
+                         K_s, valid_s, k_ready, k_free, k_remote, tx - 256, trace_s, rank)  # fmt: skip
+                if mode == "direct":
+                    prefetch_next(Q, Idx1, Len1, C1w, Idx2, Len2, C2w, rpp1, rpp2, b, sq, h0, ahead, tx - 256)
                 if mode == "merge":
                     cluster_sync_all()  # (1 of 3)
             if mode == "merge":
@@ -1176,36 +1090,6 @@ def build_attend_ws(
     # the row's output written here: by one CTA a head block, or (cluster merge) by the MERGE CTAs of its splits
     SPL = MERGE or 1
     body = kernel_body("merge" if MERGE else "direct")
-
-    if WALK:
-
-        @T.prim_func
-        def attend_ws_walk(
-            Q: T.Tensor[(B, SQ, h, D), bf16],
-            Idx1: T.Tensor[(B, SQ, K1), i32],
-            Len1: T.Tensor[(B,), i32],
-            C1w: T.Tensor[(W1,), i32],
-            C1h: T.Tensor[(H1,), bf16],
-            Idx2: T.Tensor[(B, SQ, K2), i32],
-            Len2: T.Tensor[(B,), i32],
-            C2w: T.Tensor[(W2,), i32],
-            C2h: T.Tensor[(H2,), bf16],
-            Sink: T.Tensor[(h,), f32],
-            O: T.Tensor[(B, SQ, h, D), bf16],
-            Lse: T.Tensor[(B, h, SQ), f32],
-            rpp1: T.int32,
-            rpp2: T.int32,
-            ahead: T.int32,
-        ):
-            # `ahead` CTAs a head block: CTA g walks rows g and g + ahead (rows as b * s_q + sq)
-            with T.Kernel(NHB, ahead, threads=WS_THREADS, cluster_dims=CLUSTER) as (bx, g):
-                rowa_l = T.alloc_local([2], i32)  # row A's (b, sq), computed once (registers)
-                rowa_l[0] = g // SQ
-                rowa_l[1] = g % SQ
-                body(Q, Idx1, Len1, C1w, C1h, Idx2, Len2, C2w, C2h, rpp1, rpp2, rowa_l[0], rowa_l[1], bx * HB, 0, 1,
-                     Sink, O, Lse, ahead)  # fmt: skip
-
-        return attend_ws_walk
 
     @T.prim_func
     def attend_ws_direct(
@@ -1524,16 +1408,6 @@ def _prefetch_rows(h: int, sms: int) -> int:
     return sms // _programs(1, 1, h) if _bool_knob("WS_PREFETCH") else 0
 
 
-def walk_rows(b: int, s_q: int, h: int, sms: int = NUM_SMS_TARGET) -> int:
-    """Walk mode (WS_WALK, the ws direct path): the CTAs a head block (G) when each CTA should walk two rows - rows
-    g and g + G - or 0. Only when the rows (b x s_q) need more than one wave of CTAs and at most two (one CTA an SM:
-    `sms` rows of one head block, sms // 2 of V4-Pro's pairs): two waves of one row become one wave of two rows, the
-    second row's first blocks converted while the consumers finish the first. G = ceil(rows / 2) keeps the walks
-    even. H100: V4-Flash b=133..264, V4-Pro b=67..132."""
-    rows, wave = b * s_q, sms // _programs(1, 1, h)
-    return math.ceil(rows / 2) if _bool_knob("WS_WALK") and wave < rows <= 2 * wave else 0
-
-
 def _check_geometry(cache: PagedKVCache) -> None:
     if cache.rope_dim != 64 or cache.nope_dim % 64 != 0 or cache.tile != 64 or cache.nope_dim < 64:
         raise ValueError(
@@ -1582,10 +1456,8 @@ def tl_sparse_attention(
     splits = choose_splits(b, s_q, h, indices1.shape[-1], indices2.shape[-1], impl, sms)
     programs = _programs(b, s_q, h)
     merge = cluster_merge(splits, indices1.shape[-1], indices2.shape[-1], programs, sms) if impl == "ws" else 0
-    walk = walk_rows(b, s_q, h, sms) if impl == "ws" and splits == 1 else 0
     main, comb = _kernels(
-        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, merge,
-        walk > 0,
+        impl, h, nope_dim, rope_dim, tile, page_size1, page_size2, float(scale), splits > 1, COMBINE_PDL, merge
     )  # fmt: skip
     if impl == "ws":
         w1, h1, st1 = _cache_views_ws(data1)
@@ -1597,9 +1469,8 @@ def tl_sparse_attention(
         cache_args = (u1, f1, h1, indices2, lens2, u2, f2, h2)
     o = torch.empty_like(q)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
-    if comb is None:  # (the direct and cluster-merge ws kernels take the prefetch distance; only direct uses it; walk
-        # mode: the CTAs a head block, whose second rows are `walk` rows after their first)
-        ahead = (walk or (_prefetch_rows(h, sms) if splits == 1 else 0),) if impl == "ws" else ()
+    if comb is None:  # (the direct and cluster-merge ws kernels take the prefetch distance; only direct uses it)
+        ahead = (_prefetch_rows(h, sms) if splits == 1 else 0,) if impl == "ws" else ()
         launch(main, q, indices1, lens1, *cache_args, sink, o, lse, st1, st2, *ahead)
     else:
         opart = torch.empty((b, s_q, splits, h, d), dtype=torch.float32, device=q.device)
