@@ -67,8 +67,9 @@ def test_attention_ws_lowers(h, split):
     assert body.count("dsv4fn_ex2(") == 2 and "exp2f(" not in body
     # lazy rescale: the running max moves past 2^8 only, each consumer warp votes before rescaling its rows
     assert "(0x1p+3f/*8.000000e+00*/ < " in body and body.count("dsv4fn_warp_any(") == 2
-    # (7 nope + 2 rope) 16-byte loads per key, main / extra list, prologue / one block ahead in the loop
-    assert body.count("dsv4fn_ld128(") == 8
+    # (7 nope + 2 rope) 16-byte loads per key, main / extra list, prologue / one block ahead in the loop; a masked
+    # key's loads zero its registers here (keeping them is slower unpaired)
+    assert body.count("dsv4fn_ld128z(") == 8 and body.count("dsv4fn_ld64z(") == 4 and "dsv4fn_ld128(" not in body
     # the producer fetches the indices of its block after next before signalling a K tile (after: 4% slower here)
     assert _index_fetch_after_k_ready(body) == [False]
     # the only block-wide barrier is the one after the mbarrier init (TileLang's automatic syncs are off;
@@ -102,6 +103,12 @@ def test_attention_ws_pair_mode_lowers():
     assert body.count("dsv4fn_bulk_to_peer(") == 4
     assert "k_remote[" in body and "dsv4fn_arrive_expect_tx(" in body and "dsv4fn_arrive_rank(" in body
     assert "tl::cluster_sync()" in body and "dsv4fn_dq16(" in body
+    # a masked key's loads leave its registers as they were (zeroed once, before the first load)
+    assert body.count("dsv4fn_ld128(") == 2 * body.count("dsv4fn_ld64(") == 16 and "z(" not in body
+    keep = attn.build_attend_ws(64, 64, 64, SCALE, False, "ld_keep")
+    zero = attn.build_attend_ws(128, 64, 64, SCALE, False, "ld_zero")
+    assert "dsv4fn_ld128z(" not in _body(_lower(keep, attn.WS_PASS_CONFIGS))
+    assert "dsv4fn_ld128(" not in _body(_lower(zero, attn.WS_PASS_CONFIGS))
     # warpgroup 0's P V takes P from its registers (RS wgmma), warpgroup 1's and Q K^T read shared memory; the
     # lazy rescale's votes; pair mode's register budgets
     assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2
@@ -200,8 +207,8 @@ def test_attention_ws_exact_probes_lower():
     body = _body(_lower(attn.build_attend_ws(64, 64, 64, SCALE, False, "pv_rs,l2_256"), attn.WS_PASS_CONFIGS))
     assert body.count("tl::wgmma_rs<") == 1 and body.count("tl::wgmma_ss<") == 2 and "(acc_p + (ki_1 * 8))" in body
     default = _body(_ws_unpaired_src(64, False))
-    assert "wgmma_rs" not in default and "dsv4fn_ld128_l2(" not in default
-    assert body.count("dsv4fn_ld128_l2(") == default.count("dsv4fn_ld128(") > 0 and "dsv4fn_ld128(" not in body
+    assert "wgmma_rs" not in default and "dsv4fn_ld128_l2z(" not in default
+    assert body.count("dsv4fn_ld128_l2z(") == default.count("dsv4fn_ld128z(") > 0 and "dsv4fn_ld128z(" not in body
 
 
 def test_attention_ws_lazy_rescale_knob(monkeypatch):

@@ -17,8 +17,10 @@ main (window) + extra (compressed) index lists, each cut at its length:
     in flight while the warpgroup waits for a free K buffer and while it dequantizes. Dequantization
     is exact (below), straight from registers into the bf16 K tile in shared memory (2 buffers,
     128B-swizzled for wgmma, conflict-free 16-byte stores), then an mbarrier is signalled.
-    Invalid keys (-1 or past the list length) are never loaded: their registers are zeroed, so NaN
-    bytes in slots that are not selected cannot leak.
+    Invalid keys (-1 or past the list length) are never loaded, so NaN bytes in slots that are not
+    selected cannot leak: their registers keep the last loaded key's values (finite, unless that
+    selected key made the row non-finite anyway) or the zeros they start with, and the key is masked
+    (score -inf, weight 0) - zeroing them cost the producer ~20 of its ~340 instructions a key.
   * consumer warpgroup 0 (threads 0..127, 224 registers): S = Q K^T (wgmma m64n64k16, Q in shared),
     online softmax in the log2 domain, P (bf16) and the row rescale to shared for warpgroup 1, then
     O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16). Lazy rescale (WS_LAZY): a row's running
@@ -127,8 +129,17 @@ WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
 WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
 
-# the ws kernel's 16-byte record load (NAME, cache HINT): the kernel's, and probe l2_256's with an L2 prefetch hint
+# the ws kernel's 16-byte record load (NAME, cache HINT): the kernel's, and probe l2_256's with an L2 prefetch hint;
+# the registers keep what they held when `ok` is 0 (probe ld_zero: zeroed, NAME with a z)
 _LD128_SRC = r"""__device__ __forceinline__ void NAME(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
+      " @p ld.global.nc.L1::no_allocateHINT.v4.u32 {%0, %1, %2, %3}, [%5];\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(ok), "l"(src));
+}
+__device__ __forceinline__ void NAMEz(void* dst, const void* src, int ok) {
   unsigned* d = reinterpret_cast<unsigned*>(dst);
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
@@ -143,12 +154,22 @@ WS_DEVICE_SRC = (
     DEVICE_SRC
     + r"""
 // dsv4fn/attend/tilelang.py: predicated 16/8-byte streaming loads (no L1 allocation: each key is
-// read once per CTA) into registers; zeros when `ok` is 0 (the address is then never touched). No L2
+// read once per CTA) into registers; when `ok` is 0 the address is never touched and the registers keep
+// their last loaded key's values (finite unless that key made the row non-finite anyway) or the zeros they
+// start with - a key that is not valid is masked (score -inf, weight 0), so no zeroing is needed. No L2
 // prefetch hint: a 576-byte record spans three 256-byte blocks, so `.L2::256B` would pull ~33% extra
 // DRAM traffic for scattered (top-k selected) keys.
 """
     + _LD128_SRC.replace("NAME", "dsv4fn_ld128").replace("HINT", "")
     + r"""__device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%3];\n}\n"
+      : "+r"(d[0]), "+r"(d[1])
+      : "r"(ok), "l"(src));
+}
+__device__ __forceinline__ void dsv4fn_ld64z(void* dst, const void* src, int ok) {
   unsigned* d = reinterpret_cast<unsigned*>(dst);
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
@@ -469,7 +490,8 @@ def build_attend_ws(
     lazy / no_lazy (the lazy rescale on / off), regs=A/B/C (register budgets of warpgroup 0, 1, the producer), pf=N
     (N keys of the next wave's rows prefetched, WS_PREFETCH; PF_KEYS by default), ix_late / ix_early (the producer
     fetches the indices of its block after next after / before signalling a K tile; pair mode: after), pv0_async /
-    pv0_sync (warpgroup 0's P V issued before S is handed to warpgroup 1 and waited for after; pair mode: on)."""
+    pv0_sync (warpgroup 0's P V issued before S is handed to warpgroup 1 and waited for after; pair mode: on),
+    ld_zero / ld_keep (a masked key's registers zeroed by its record loads / left as they were; pair mode: left)."""
     probes = set(filter(None, probe.split(",")))
     TRACE = "trace" in probes
     LD128 = "dsv4fn_ld128_l2" if "l2_256" in probes else "dsv4fn_ld128"
@@ -514,6 +536,13 @@ def build_attend_ws(
     IX_LATE = "ix_late" in probes or (PAIR and "ix_early" not in probes)
     # keys of the next wave's row prefetched (WS_PREFETCH; probe pf=N: another count, same results)
     PFK = next((int(p[3:]) for p in probes if p.startswith("pf=")), PF_KEYS)
+    # a masked key's record loads (the key is never read): pair mode leaves its registers as they were (~20 of the
+    # producer's ~340 instructions a key fewer: 1-2% at V4-Pro b=128/256 on the H100), the unpaired kernel zeroes
+    # them (2-3% faster so at V4-Flash b=128/256: keeping them ties each load to the registers' last reads);
+    # probes ld_keep / ld_zero
+    LD_KEEP = "ld_keep" in probes or (PAIR and "ld_zero" not in probes)
+    LDZ = "" if LD_KEEP else "z"
+    LD128 += LDZ
     PAD_HEADS = h % HB != 0
     sl2 = scale * LOG2E
     softmax_update = _online_softmax(HB, BI, sl2, ftz_exp2=True, lazy_tau=LAZY_TAU if LAZY else 0.0)
@@ -590,7 +619,7 @@ def build_attend_ws(
                 T.address_of(Ch[row * RECH + NOPE // 2 + t * 32 + c * 8]), ok[r],
             )  # fmt: skip
         T.call_extern(
-            "handle", "dsv4fn_ld64", T.address_of(sc[r, 0]), T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]),
+            "handle", "dsv4fn_ld64" + LDZ, T.address_of(sc[r, 0]), T.address_of(Cw[(prow + P) * RECW + (slot % P) * 2]),
             ok[r],
         )  # fmt: skip
 
@@ -699,6 +728,16 @@ def build_attend_ws(
         ok = T.alloc_local([R], i32)
         outb = T.alloc_local([16], bf16)
         peer_bar = T.alloc_local([1], T.uint32)
+        if LD_KEEP:  # the record loads of a masked key leave its registers as they were: zeros until the first load
+            for r in T.unroll(R):
+                for t in T.unroll(NT):
+                    for k in T.unroll(4):
+                        raw[r, t, k] = 0
+                for t in T.unroll(2):
+                    for k in T.unroll(8):
+                        rp[r, t, k] = T.cast(0, bf16)
+                for k in T.unroll(2):
+                    sc[r, k] = 0
 
         # Software pipeline: a register set is reloaded (the same key AHEAD blocks later) as soon as it is
         # dequantized, so loads stay in flight while this warpgroup waits for a free K tile and dequantizes.
