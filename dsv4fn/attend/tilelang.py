@@ -188,17 +188,20 @@ __device__ __forceinline__ unsigned dsv4fn_bf16x2_mul(unsigned x, unsigned y) {
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(x), "r"(y));
   return d;
 }
-// 16 e4m3 values of one tile (4 words) times 2^(s-127), s = low byte of `sbyte`, -> 16 bf16 (8 words).
-// e4m3 -> f16 is exact and always normal (or zero); (f16 bits & 0x7fff) >> 3 are the bf16 bits of the
-// value * 2^-112 (the 7 dropped f16 mantissa bits are zero); sign copied; then * 2^(s-15) in bf16, a
+// 16 e4m3 values of one tile (4 words) times 2^(s-127), s = byte k (0..3, a constant once unrolled) of `sword`,
+// -> 16 bf16 (8 words). e4m3 -> f16 is exact and always normal (or zero); (f16 bits & 0x7fff) >> 3 are the bf16
+// bits of the value * 2^-112 (the 7 dropped f16 mantissa bits are zero); sign copied; then * 2^(s-15) in bf16, a
 // power of two in range while s <= 142. BIG (s up to 255) splits it into 2^(min(s,142)-15) * 2^(s-142).
+// The fast path's multiplier, the bf16 pair (s + 112) << 7 | same << 16: one PRMT puts byte k in bytes 0 and 2 and
+// one shift-add (LEA) finishes it (s <= 142: no carry out of the low half) - 2 ops a tile instead of 4.
 template <bool BIG>
-__device__ __forceinline__ void dsv4fn_dq16_impl(const void* raw_, int sbyte, void* out_) {
+__device__ __forceinline__ void dsv4fn_dq16_impl(const void* raw_, int sword, int k, void* out_) {
   const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
   unsigned* out = reinterpret_cast<unsigned*>(out_);
-  const unsigned s = static_cast<unsigned>(sbyte) & 255u;
+  const unsigned s = (static_cast<unsigned>(sword) >> (8 * k)) & 255u;
   unsigned fa = ((BIG && s > 142u ? 142u : s) + 112u) << 7;
   fa |= fa << 16;
+  if (!BIG) fa = (__byte_perm(static_cast<unsigned>(sword), 0u, 0x4040u | (k << 8) | k) << 7) + 0x38003800u;
   unsigned fb = ((s > 142u ? s : 142u) - 15u) << 7;
   fb |= fb << 16;
 #pragma unroll
@@ -217,14 +220,15 @@ __device__ __forceinline__ void dsv4fn_dq16_impl(const void* raw_, int sbyte, vo
     out[2 * i + 1] = v1;
   }
 }
-__device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sbyte, void* out) {
-  dsv4fn_dq16_impl<false>(raw, sbyte, out);  // every scale byte of the warp's keys is <= 142
+__device__ __forceinline__ void dsv4fn_dq16(const void* raw, int sword, int k, void* out) {
+  dsv4fn_dq16_impl<false>(raw, sword, k, out);  // every scale byte of the warp's keys is <= 142
 }
-__device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sbyte, void* out) {
-  dsv4fn_dq16_impl<true>(raw, sbyte, out);
+__device__ __forceinline__ void dsv4fn_dq16_big(const void* raw, int sword, int k, void* out) {
+  dsv4fn_dq16_impl<true>(raw, sword, k, out);
 }
 // development probes (build_attend_ws probe="no_cvt" / "no_sts"; wrong results by design)
-__device__ __forceinline__ void dsv4fn_dq16_nocvt(const void* raw_, int sbyte, void* out_) {
+__device__ __forceinline__ void dsv4fn_dq16_nocvt(const void* raw_, int sword, int k, void* out_) {
+  const int sbyte = sword >> (8 * k);
   const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
   unsigned* out = reinterpret_cast<unsigned*>(out_);
 #pragma unroll
@@ -639,7 +643,7 @@ def build_attend_ws(
         @T.macro
         def dequant_store(st, tok0, c, r, ok, raw, rp, sc, outb, K_s, valid_s):
             for t in T.unroll(NT):
-                T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4] >> (8 * (t % 4)),
+                T.call_extern("handle", fn, T.address_of(raw[r, t, 0]), sc[r, t // 4], t % 4,
                               T.address_of(outb[0]))  # fmt: skip
                 if "no_sts" in probes:  # the values stay live (folded into one word), the K tile is not written
                     if c == 0:
