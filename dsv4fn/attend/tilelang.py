@@ -18,9 +18,10 @@ main (window) + extra (compressed) index lists, each cut at its length:
     is exact (below), straight from registers into the bf16 K tile in shared memory (2 buffers,
     128B-swizzled for wgmma, conflict-free 16-byte stores), then an mbarrier is signalled.
     Invalid keys (-1 or past the list length) are never loaded, so NaN bytes in slots that are not
-    selected cannot leak: their registers keep the last loaded key's values (finite, unless that
-    selected key made the row non-finite anyway) or the zeros they start with, and the key is masked
-    (score -inf, weight 0) - zeroing them cost the producer ~20 of its ~340 instructions a key.
+    selected cannot leak, and are masked (score -inf, weight 0); their registers are zeroed here, while
+    pair mode leaves them as they were (the last loaded key's values - finite, unless that selected key
+    made the row non-finite anyway - or the zeros they start with): ~20 of the producer's ~340
+    instructions a key fewer, faster paired, slower here (session 12).
   * consumer warpgroup 0 (threads 0..127, 224 registers): S = Q K^T (wgmma m64n64k16, Q in shared),
     online softmax in the log2 domain, P (bf16) and the row rescale to shared for warpgroup 1, then
     O[:, 0:256] += P V[:, 0:256] (wgmma m64n256k16). Lazy rescale (WS_LAZY): a row's running
@@ -130,7 +131,7 @@ WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
 WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
 
 # the ws kernel's 16-byte record load (NAME, cache HINT): the kernel's, and probe l2_256's with an L2 prefetch hint;
-# the registers keep what they held when `ok` is 0 (probe ld_zero: zeroed, NAME with a z)
+# the registers keep what they held when `ok` is 0 (pair mode), or are zeroed (NAME with a z: the unpaired kernel)
 _LD128_SRC = r"""__device__ __forceinline__ void NAME(void* dst, const void* src, int ok) {
   unsigned* d = reinterpret_cast<unsigned*>(dst);
   asm volatile(
@@ -156,7 +157,7 @@ WS_DEVICE_SRC = (
 // dsv4fn/attend/tilelang.py: predicated 16/8-byte streaming loads (no L1 allocation: each key is
 // read once per CTA) into registers; when `ok` is 0 the address is never touched and the registers keep
 // their last loaded key's values (finite unless that key made the row non-finite anyway) or the zeros they
-// start with - a key that is not valid is masked (score -inf, weight 0), so no zeroing is needed. No L2
+// start with - a key that is not valid is masked (score -inf, weight 0) - or, the `z` loads, are zeroed. No L2
 // prefetch hint: a 576-byte record spans three 256-byte blocks, so `.L2::256B` would pull ~33% extra
 // DRAM traffic for scattered (top-k selected) keys.
 """
