@@ -79,8 +79,9 @@ def _ws_direct_args(b: int, h: int = 64, extra: int = ATTN_EXTRA):
 
 # build_attend_ws probes that keep the results exact (checked before timing; regs=A/B/C and pf=N too)
 # (no_pf: the same kernel called with prefetch distance 0 - WS_PREFETCH off - not a build probe)
-EXACT_PROBES = {"pv_rs", "l2_256", "lazy", "no_lazy", "no_pf", "ix_late", "ix_early", "pv0_async", "pv0_sync"}
-EXACT_PROBES |= {"ld_zero", "ld_keep"}
+EXACT_PROBES = {
+    "pv_rs", "l2_256", "lazy", "no_lazy", "no_pf", "ix_late", "ix_early", "pv0_async", "pv0_sync", "ld_zero", "ld_keep",
+}  # fmt: skip
 
 
 def _kernel_probe(pr: str) -> str:

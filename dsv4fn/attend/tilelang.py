@@ -130,26 +130,29 @@ WS_D = WS_NOPE + WS_ROPE
 WS_REC = WS_NOPE + 2 * WS_ROPE  # 576-byte data record
 WS_NT = WS_NOPE // WS_TILE  # 7 scale bytes (+ 1 pad) per key
 
-# the ws kernel's 16-byte record load (NAME, cache HINT): the kernel's, and probe l2_256's with an L2 prefetch hint;
-# the registers keep what they held when `ok` is 0 (pair mode), or are zeroed (NAME with a z: the unpaired kernel)
-_LD128_SRC = r"""__device__ __forceinline__ void NAME(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
-      " @p ld.global.nc.L1::no_allocateHINT.v4.u32 {%0, %1, %2, %3}, [%5];\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(ok), "l"(src));
-}
-__device__ __forceinline__ void NAMEz(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.nc.L1::no_allocateHINT.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "l"(src), "r"(ok));
-}
-"""
+
+def _ld_src(name: str, words: int, hint: str = "") -> str:
+    """Device source of the ws kernel's predicated streaming loads of `words` 32-bit words (4: a 16-byte record piece,
+    2: the 8-byte scales; `hint`: a cache hint, probe l2_256's `.L2::256B`), as two functions: `name`, whose registers
+    keep what they held when `ok` is 0 (pair mode), and `name`z, which zeroes them (the unpaired kernel)."""
+    regs = ", ".join(f"%{i}" for i in range(words))
+    zeros = "".join(f" mov.b32 %{i}, 0;\\n" for i in range(words))
+    fns = []
+    for suffix, mode, init in (("", "+r", ""), ("z", "=r", zeros)):
+        outs = ", ".join(f'"{mode}"(d[{i}])' for i in range(words))
+        fns.append(
+            f"__device__ __forceinline__ void {name}{suffix}(void* dst, const void* src, int ok) {{\n"
+            "  unsigned* d = reinterpret_cast<unsigned*>(dst);\n"
+            "  asm volatile(\n"
+            f'      "{{\\n .reg .pred p;\\n setp.ne.b32 p, %{words}, 0;\\n{init}"\n'
+            f'      " @p ld.global.nc.L1::no_allocate{hint}.v{words}.u32 {{{regs}}}, [%{words + 1}];\\n}}\\n"\n'
+            f"      : {outs}\n"
+            '      : "r"(ok), "l"(src));\n'
+            "}\n"
+        )
+    return "".join(fns)
+
+
 # device helpers of the ws kernel (inline PTX only: see _tilelang_compat.DEVICE_SRC)
 WS_DEVICE_SRC = (
     DEVICE_SRC
@@ -161,24 +164,9 @@ WS_DEVICE_SRC = (
 // prefetch hint: a 576-byte record spans three 256-byte blocks, so `.L2::256B` would pull ~33% extra
 // DRAM traffic for scattered (top-k selected) keys.
 """
-    + _LD128_SRC.replace("NAME", "dsv4fn_ld128").replace("HINT", "")
-    + r"""__device__ __forceinline__ void dsv4fn_ld64(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
-      " @p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%3];\n}\n"
-      : "+r"(d[0]), "+r"(d[1])
-      : "r"(ok), "l"(src));
-}
-__device__ __forceinline__ void dsv4fn_ld64z(void* dst, const void* src, int ok) {
-  unsigned* d = reinterpret_cast<unsigned*>(dst);
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
-      " @p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n}\n"
-      : "=r"(d[0]), "=r"(d[1])
-      : "l"(src), "r"(ok));
-}
-// 2^x as one MUFU.EX2 (flushes results under 2^-126 to 0; exp2f adds a range test and two multiplies)
+    + _ld_src("dsv4fn_ld128", 4)
+    + _ld_src("dsv4fn_ld64", 2)
+    + r"""// 2^x as one MUFU.EX2 (flushes results under 2^-126 to 0; exp2f adds a range test and two multiplies)
 __device__ __forceinline__ float dsv4fn_ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -199,12 +187,16 @@ template <bool BIG>
 __device__ __forceinline__ void dsv4fn_dq16_impl(const void* raw_, int sword, int k, void* out_) {
   const unsigned* raw = reinterpret_cast<const unsigned*>(raw_);
   unsigned* out = reinterpret_cast<unsigned*>(out_);
-  const unsigned s = (static_cast<unsigned>(sword) >> (8 * k)) & 255u;
-  unsigned fa = ((BIG && s > 142u ? 142u : s) + 112u) << 7;
-  fa |= fa << 16;
-  if (!BIG) fa = (__byte_perm(static_cast<unsigned>(sword), 0u, 0x4040u | (k << 8) | k) << 7) + 0x38003800u;
-  unsigned fb = ((s > 142u ? s : 142u) - 15u) << 7;
-  fb |= fb << 16;
+  unsigned fa, fb = 0u;
+  if (BIG) {
+    const unsigned s = (static_cast<unsigned>(sword) >> (8 * k)) & 255u;
+    fa = ((s > 142u ? 142u : s) + 112u) << 7;
+    fa |= fa << 16;
+    fb = ((s > 142u ? s : 142u) - 15u) << 7;
+    fb |= fb << 16;
+  } else {
+    fa = (__byte_perm(static_cast<unsigned>(sword), 0u, 0x4040u | (k << 8) | k) << 7) + 0x38003800u;
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     unsigned h0, h1;
@@ -341,7 +333,7 @@ __device__ __forceinline__ void dsv4fn_prefetch_line(const void* p) {
 __device__ __forceinline__ int dsv4fn_warp_any(int v) { return __any_sync(0xffffffffu, v); }
 // development probe "l2_256": dsv4fn_ld128 with FlashMLA's L2 prefetch hint (a whole 256-byte block a miss)
 """
-    + _LD128_SRC.replace("NAME", "dsv4fn_ld128_l2").replace("HINT", ".L2::256B")
+    + _ld_src("dsv4fn_ld128_l2", 4, ".L2::256B")
 )
 
 
